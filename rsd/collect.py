@@ -1,0 +1,116 @@
+"""The `collect` stage: run the main policy in LIBERO and record, for every policy call, its hidden
+state and the coarse RFSQ codes it decoded: the draft model's training data.
+
+Placements are fresh and seeded from their own stream (never the demos' seeds, never the benchmark's
+evaluation init states), so the draft learns from states the main policy itself visits.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from rsd.draft.samples import DraftSamples
+from rsd.engine import Prediction
+from rsd.evaluation import Agent, init_worker, rollout, worker_agent, worker_env
+from rsd.progress import Progress
+from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig, placement_seed
+
+log = logging.getLogger("rsd.collect")
+
+COLLECT_STREAM = 1  # placement-seed stream of this stage (demos use 0)
+NUM_COARSE_LAYERS = 3
+
+
+@dataclass
+class CollectConfig:
+    """How many main-policy rollouts to record, and how."""
+
+    episodes_per_task: int = 8
+    """Rollouts per libero_spatial task, each from its own fresh placement."""
+    query_every_step: bool = True
+    """Ask the policy at every env step (one sample per step) while still executing chunks open loop."""
+    execute_steps: int = 8
+    """Actions of each chunk executed before the next real policy call (as in evaluation)."""
+    tasks: list[int] | None = None
+    """libero_spatial task indices; None means all ten."""
+    workers: int = 2
+    """Parallel simulator processes."""
+
+    def __post_init__(self) -> None:
+        if self.episodes_per_task < 1:
+            raise ValueError(f"collect.episodes_per_task must be at least 1, got {self.episodes_per_task}")
+        if not 1 <= self.execute_steps <= 8:
+            raise ValueError(f"collect.execute_steps must be in 1..8 (the chunk length), got {self.execute_steps}")
+        if self.tasks is not None and (not self.tasks or any(not 0 <= t < NUM_TASKS for t in self.tasks)):
+            raise ValueError(f"collect.tasks must be a non-empty list of task indices in 0..{NUM_TASKS - 1}, got {self.tasks}")
+        if self.workers < 1:
+            raise ValueError(f"collect.workers must be at least 1, got {self.workers}")
+
+    @property
+    def task_indices(self) -> list[int]:
+        return list(range(NUM_TASKS)) if self.tasks is None else list(self.tasks)
+
+
+def _collect_episode(job: tuple[int, int, int, CollectConfig]) -> tuple[int, int, bool, dict[str, np.ndarray]]:
+    task, episode, seed, config = job
+    env = worker_env(task)
+    obs = env.reset(seed=seed)
+    hidden, coarse, steps = [], [], []
+
+    def record(step: int, prediction: Prediction) -> None:
+        hidden.append(prediction.hidden_state.float().cpu().numpy())
+        coarse.append(prediction.tokens[..., :NUM_COARSE_LAYERS].to(torch.uint8).cpu().numpy())
+        steps.append(step)
+
+    success, _ = rollout(env, obs, worker_agent(), config.execute_steps, record, config.query_every_step)
+    return task, episode, success, {"hidden_state": np.stack(hidden), "coarse_tokens": np.stack(coarse), "step": np.array(steps)}
+
+
+def collect(make_agent: Callable[[], Agent], config: CollectConfig, sim: SimConfig, base_seed: int) -> tuple[DraftSamples, dict]:
+    """Roll the main policy out over fresh placements; return the samples and the stage's metrics."""
+    tasks = config.task_indices
+    info = {t: LiberoEnv.task_info(t) for t in range(NUM_TASKS)}
+    task_names = [info[t][0] for t in range(NUM_TASKS)]
+    jobs = [(t, e, placement_seed(base_seed, COLLECT_STREAM, t, e), config) for t in tasks for e in range(config.episodes_per_task)]
+    log.info("%d tasks in libero_spatial, %d episodes each", len(tasks), config.episodes_per_task)
+    parts, successes = [], 0
+    per_task: dict[str, int] = defaultdict(int)
+    announced: set[int] = set()
+    start = time.monotonic()
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(config.workers, initializer=init_worker, initargs=(make_agent, sim)) as pool, Progress(len(jobs), "collect") as bar:
+        for task, episode, success, arrays in pool.imap_unordered(_collect_episode, jobs):
+            if task not in announced:
+                announced.add(task)
+                log.info("Task %d/%d: %s", task + 1, NUM_TASKS, info[task][1])
+            n = len(arrays["step"])
+            log.info("Episode %d (task %d): %d samples, %s", episode, task + 1, n, "success" if success else "failure")
+            parts.append(DraftSamples(
+                hidden_state=torch.from_numpy(arrays["hidden_state"]),
+                coarse_tokens=torch.from_numpy(arrays["coarse_tokens"]),
+                task=torch.full((n,), task),
+                episode=torch.full((n,), episode),  # (task, episode) identifies an episode
+                step=torch.from_numpy(arrays["step"]),
+                task_names=task_names,
+            ))
+            successes += success
+            per_task[info[task][0]] += n
+            bar.update(1, samples=sum(per_task.values()))
+    samples = DraftSamples.concat(sorted(parts, key=lambda p: (int(p.task[0]), int(p.episode[0]))))
+    metrics = {
+        "samples": len(samples),
+        "episodes": len(jobs),
+        "per_task_samples": dict(sorted(per_task.items())),
+        "rollout_success_rate": round(successes / len(jobs), 4),
+        "hidden_size": samples.hidden_size,
+        "wall_seconds": round(time.monotonic() - start, 1),
+    }
+    log.info("Saved %s samples", f"{len(samples):,}")
+    return samples, metrics

@@ -1,0 +1,188 @@
+"""Closed-loop rollouts of an engine in LIBERO, over worker processes: evaluation and data collection.
+
+An *agent* is anything with `predict(inputs) -> Prediction` (rsd.engine), where `inputs` is
+`LiberoEnv.model_inputs(obs)`. Each worker builds its own agent once from a picklable factory, so
+models never cross process boundaries.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from rsd.engine import Prediction
+from rsd.progress import Progress
+from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig
+
+log = logging.getLogger("rsd.eval")
+
+
+class Agent(Protocol):
+    def predict(self, inputs: dict[str, Any]) -> Prediction: ...
+
+
+@dataclass
+class EvalConfig:
+    """Which episodes to run and how."""
+
+    init_states: int = 6
+    """Benchmark init states 0..N-1 of every task are evaluated (LIBERO has 50 per task)."""
+    tasks: list[int] | None = None
+    """libero_spatial task indices; None means all ten."""
+    execute_steps: int = 8
+    """Actions of each predicted chunk executed open loop before the policy is called again."""
+    workers: int = 2
+    """Parallel simulator processes, each with its own copy of the agent."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.init_states <= 50:
+            raise ValueError(f"eval.init_states must be in 1..50 (LIBERO's init states per task), got {self.init_states}")
+        if self.tasks is not None and (not self.tasks or any(not 0 <= t < NUM_TASKS for t in self.tasks)):
+            raise ValueError(f"eval.tasks must be a non-empty list of task indices in 0..{NUM_TASKS - 1}, got {self.tasks}")
+        if not 1 <= self.execute_steps <= 8:
+            raise ValueError(f"eval.execute_steps must be in 1..8 (the chunk length), got {self.execute_steps}")
+        if self.workers < 1:
+            raise ValueError(f"eval.workers must be at least 1, got {self.workers}")
+
+    @property
+    def task_indices(self) -> list[int]:
+        return list(range(NUM_TASKS)) if self.tasks is None else list(self.tasks)
+
+
+@dataclass
+class Episode:
+    task: int
+    init_state: int
+    success: bool
+    steps: int
+    calls: list[dict[str, float]]  # the agent's stats, one dict per policy call
+    peak_memory_gb: float  # the worker's peak: GPU memory on CUDA, else the process's peak RSS (simulator included)
+
+
+_worker: dict[str, Any] = {}
+
+
+def init_worker(make_agent: Callable[[], Agent], sim: SimConfig) -> None:
+    """Pool initializer: one agent per worker process, one torch thread (the workers fill the cores)."""
+    import torch
+
+    torch.set_num_threads(1)
+    _worker.update(agent=make_agent(), sim=sim, envs={})
+
+
+def worker_agent() -> Agent:
+    """This worker process's agent (see init_worker)."""
+    return _worker["agent"]
+
+
+def worker_env(task: int) -> LiberoEnv:
+    """This worker's env for `task`, built once; the env of another task is closed first."""
+    envs: dict[int, LiberoEnv] = _worker["envs"]
+    if task not in envs:
+        for other in list(envs):
+            envs.pop(other).close()
+        envs[task] = LiberoEnv(task, _worker["sim"])
+    return envs[task]
+
+
+def rollout(
+    env: LiberoEnv,
+    obs: dict[str, Any],
+    agent: Agent,
+    execute_steps: int,
+    on_call: Callable[[int, Prediction], None],
+    query_every_step: bool = False,
+) -> tuple[bool, int]:
+    """Run one episode from `obs` (what the env's reset returned) until success or the step budget.
+
+    Each chunk's first `execute_steps` actions run open loop. With `query_every_step` the agent is also
+    asked at the steps in between (for data: what it would say there), without changing what runs.
+    `on_call(step, prediction)` sees every call. Returns (success, steps).
+    """
+    steps, success, chunk, start = 0, False, None, 0
+    while steps < env.config.max_steps and not success:
+        if chunk is None or steps - start >= execute_steps or query_every_step:
+            prediction = agent.predict(env.model_inputs(obs))
+            on_call(steps, prediction)
+            if chunk is None or steps - start >= execute_steps:
+                chunk, start = prediction.chunk, steps
+        obs, success = env.step(chunk[steps - start])
+        steps += 1
+    return success, steps
+
+
+def _run_episode(job: tuple[int, int, int]) -> Episode:
+    task, init_state, execute_steps = job
+    env = worker_env(task)
+    obs = env.reset(init_state=init_state)
+    calls: list[dict[str, float]] = []
+    success, steps = rollout(env, obs, worker_agent(), execute_steps, lambda _, p: calls.append(p.stats))
+    return Episode(task, init_state, success, steps, calls, peak_memory_gb())
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory of this process when it uses CUDA, else its peak resident set size."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def evaluate(make_agent: Callable[[], Agent], config: EvalConfig, sim: SimConfig) -> tuple[dict, list[Episode]]:
+    """Run every (task, init state) episode; return the metrics and the episodes."""
+    tasks = config.task_indices
+    jobs = [(t, i, config.execute_steps) for t in tasks for i in range(config.init_states)]
+    names = {t: LiberoEnv.task_info(t)[0] for t in tasks}
+    start = time.monotonic()
+    episodes: list[Episode] = []
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(config.workers, initializer=init_worker, initargs=(make_agent, sim)) as pool, Progress(len(jobs), "eval") as bar:
+        for episode in pool.imap_unordered(_run_episode, jobs):
+            episodes.append(episode)
+            wins = sum(e.success for e in episodes)
+            bar.update(1, success=f"{wins}/{len(episodes)}")
+    episodes.sort(key=lambda e: (e.task, e.init_state))
+    return summarize(episodes, names, time.monotonic() - start), episodes
+
+
+def summarize(episodes: list[Episode], names: dict[int, str], wall_seconds: float) -> dict:
+    """Success per task and overall; latency percentiles and the engine's per-call stats, averaged over calls."""
+    per_task: dict[int, list[bool]] = defaultdict(list)
+    for e in episodes:
+        per_task[e.task].append(e.success)
+    calls = [c for e in episodes for c in e.calls]
+
+    def mean(key: str) -> float | None:
+        values = [c[key] for c in calls if key in c]
+        return round(float(np.mean(values)), 4) if values else None
+
+    total_ms = np.array([c["total_ms"] for c in calls])
+    successes = sum(e.success for e in episodes)
+    layers = sorted(int(k.rsplit("L", 1)[1]) for k in calls[0] if k.startswith("token_acceptance_L"))
+    return {
+        "success_rate": round(successes / len(episodes), 4),
+        "successes": successes,
+        "trials": len(episodes),
+        "per_task": {names[t]: round(float(np.mean(v)), 4) for t, v in sorted(per_task.items())},
+        "avg_inference_ms": round(float(total_ms.mean()), 3),
+        "p50_inference_ms": round(float(np.percentile(total_ms, 50)), 3),
+        "p90_inference_ms": round(float(np.percentile(total_ms, 90)), 3),
+        "draft_ms": mean("draft_ms") or 0.0,
+        "main_ms": mean("main_ms"),
+        "main_passes_per_chunk": mean("main_passes"),
+        "token_acceptance": mean("token_acceptance"),
+        "token_acceptance_per_layer": [mean(f"token_acceptance_L{i}") for i in layers] or None,
+        "accepted_layers_per_chunk": mean("accepted_layers"),
+        "peak_memory_gb": round(max(e.peak_memory_gb for e in episodes), 3),
+        "policy_calls": len(calls),
+        "mean_episode_steps": round(float(np.mean([e.steps for e in episodes])), 1),
+        "wall_seconds": round(wall_seconds, 1),
+    }

@@ -1,0 +1,163 @@
+"""One function per pipeline stage: read its params, call the package, write its outputs.
+
+`stages/<name>.py` (what dvc.yaml runs) and `rsd <name>` (the CLI) both call these, so the two
+can never drift apart. Output paths are fixed here and mirrored in dvc.yaml.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rsd.io import write_json
+from rsd.params import BaseConfig, load_params, section
+
+log = logging.getLogger("rsd")
+
+DEMOS_DIR = Path("data/demos")
+TOKENIZER_CKPT = Path("models/tokenizer.pt")
+METRICS = Path("metrics")
+
+
+def run_demos(params_file: str | Path = "params.yaml") -> dict:
+    from rsd.demos import DemosConfig, make_demos
+    from rsd.sim.env import SimConfig
+
+    params = load_params(params_file)
+    base = section(params, "base", BaseConfig)
+    metrics = make_demos(section(params, "demos", DemosConfig), section(params, "sim", SimConfig), base.seed, DEMOS_DIR)
+    write_json(METRICS / "demos.json", metrics)
+    log.info("demos: kept %s of %s episodes (success %s) in %s s", metrics["kept"], metrics["episodes"], metrics["success_rate"], metrics["wall_seconds"])
+    return metrics
+
+
+def run_tokenizer(params_file: str | Path = "params.yaml") -> dict:
+    from rsd.data import read_demos
+    from rsd.tokenizer.config import TokenizerConfig
+    from rsd.tokenizer.train import train_tokenizer
+
+    params = load_params(params_file)
+    base = section(params, "base", BaseConfig)
+    config = section(params, "tokenizer", TokenizerConfig, seed=base.seed)
+    episodes = [demo.actions for task in read_demos(DEMOS_DIR, images=False) for demo in task.demos]
+    log.info("RFSQ tokenizer: %d demos from %s", len(episodes), DEMOS_DIR)
+    tokenizer, metrics = train_tokenizer(episodes, config, progress=True)
+    tokenizer.save(TOKENIZER_CKPT)
+    write_json(METRICS / "tokenizer.json", metrics)
+    log.info("tokenizer: MAE by layers %s", metrics["mae_by_layers"])
+    return metrics
+
+POLICY_CKPT = Path("models/policy.pt")
+DRAFT_SAMPLES = Path("data/draft_samples.pt")
+DRAFT_CKPT = Path("models/draft.pt")
+LIVE_DIR = Path("dvclive")
+EVAL_VARIANTS = ("no_draft", "draft")
+
+
+def _split_model(params: dict, name: str) -> tuple[dict, dict]:
+    """A stage section's `model` subsection (the architecture) apart from the rest (how to train)."""
+    values = dict(params.get(name) or {})
+    return values.pop("model", None) or {}, {name: values}
+
+
+def _live(name: str):
+    from dvclive import Live
+
+    # curves only: plots are declared in dvc.yaml, and DVC itself records the experiment
+    return Live(str(LIVE_DIR / name), save_dvc_exp=False, dvcyaml=False)
+
+
+def run_policy(params_file: str | Path = "params.yaml") -> dict:
+    from rsd.data import read_demos
+    from rsd.policy.train import PolicyTrainConfig, train_policy
+    from rsd.tokenizer.model import RFSQTokenizer
+
+    params = load_params(params_file)
+    base = section(params, "base", BaseConfig)
+    model_params, rest = _split_model(params, "policy")
+    config = section(rest, "policy", PolicyTrainConfig, seed=base.seed)
+    tokenizer = RFSQTokenizer.load(TOKENIZER_CKPT)
+    log.info("RFSQ tokenizer loaded: %d layers", tokenizer.config.num_layers)
+    tasks = read_demos(DEMOS_DIR)
+    with _live("policy") as live:
+        policy, metrics = train_policy(tasks, tokenizer, model_params, config, live)
+    policy.save(POLICY_CKPT)
+    write_json(METRICS / "policy.json", metrics)
+    return metrics
+
+
+def _engine_factory(mode: str, draft: bool, params: dict):
+    """A picklable factory that builds the engine in each worker process."""
+    from functools import partial
+
+    from rsd.engine import EngineConfig, load_engine
+
+    base = section(params, "base", BaseConfig)
+    engine = EngineConfig(mode=mode, tolerance=(params.get("eval") or {}).get("tolerance", 1))
+    return partial(load_engine, str(POLICY_CKPT), str(TOKENIZER_CKPT), str(DRAFT_CKPT) if draft else None, engine, base.torch_device())
+
+
+def run_collect(params_file: str | Path = "params.yaml") -> dict:
+    from rsd.collect import CollectConfig, collect
+    from rsd.sim.env import SimConfig
+
+    params = load_params(params_file)
+    base = section(params, "base", BaseConfig)
+    samples, metrics = collect(_engine_factory("none", False, params), section(params, "collect", CollectConfig),
+                               section(params, "sim", SimConfig), base.seed)
+    samples.save(DRAFT_SAMPLES)
+    write_json(METRICS / "collect.json", metrics)
+    return metrics
+
+
+def run_train(params_file: str | Path = "params.yaml") -> dict:
+    from rsd.draft.config import DraftConfig, DraftTrainConfig
+    from rsd.draft.samples import DraftSamples
+    from rsd.draft.train import train_draft
+
+    params = load_params(params_file)
+    base = section(params, "base", BaseConfig)
+    model_params, rest = _split_model(params, "train")
+    config = section(rest, "train", DraftTrainConfig, seed=base.seed)
+    samples = DraftSamples.load(DRAFT_SAMPLES)
+    model_config = section({"model": model_params}, "model", DraftConfig, input_dim=samples.hidden_size)
+    with _live("draft") as live:
+        metrics = train_draft(samples, model_config, config, DRAFT_CKPT, live, device=base.torch_device())
+    write_json(METRICS / "train.json", metrics)
+    return metrics
+
+
+def run_verify(params_file: str | Path = "params.yaml") -> dict:
+    """Write metrics/verify.json, then fail (non-zero exit) naming every failed check."""
+    from rsd.draft.config import VerifyConfig
+    from rsd.draft.verify import require_verified, verify_checkpoint
+    from rsd.policy.model import MainPolicy
+
+    params = load_params(params_file)
+    config = section(params, "verify", VerifyConfig)
+    hidden = MainPolicy.load(POLICY_CKPT).config.backbone.hidden_size
+    result = verify_checkpoint(DRAFT_CKPT, config.min_val_accuracy, input_dim=hidden)
+    write_json(METRICS / "verify.json", result)
+    require_verified(result)
+    log.info("draft checkpoint %s passed every check", DRAFT_CKPT)
+    return result
+
+
+def run_eval(variant: str, params_file: str | Path = "params.yaml") -> dict:
+    from rsd.evaluation import EvalConfig, evaluate
+    from rsd.sim.env import SimConfig
+
+    if variant not in EVAL_VARIANTS:
+        raise ValueError(f"eval variant must be one of {', '.join(EVAL_VARIANTS)}; got {variant!r}")
+    params = load_params(params_file)
+    base = section(params, "base", BaseConfig)
+    values = dict(params.get("eval") or {})
+    acceptance = values.pop("acceptance", "strict")
+    values.pop("tolerance", None)
+    config = section({"eval": values}, "eval", EvalConfig)
+    mode = "none" if variant == "no_draft" else acceptance
+    metrics, _ = evaluate(_engine_factory(mode, variant == "draft", params), config, section(params, "sim", SimConfig))
+    metrics = {**metrics, "device": base.torch_device(), "acceptance_mode": mode}
+    write_json(METRICS / f"eval_{variant}.json", metrics)
+    log.info("eval@%s: success %.3f (%d/%d), %.1f ms per call", variant, metrics["success_rate"], metrics["successes"],
+             metrics["trials"], metrics["avg_inference_ms"])
+    return metrics

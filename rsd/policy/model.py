@@ -1,0 +1,249 @@
+"""The main policy: camera images, proprio and instruction -> RFSQ action tokens, one residual layer per pass.
+
+Prompt (one row per sample, left-padded so the act token is always last):
+    [pad..., agentview tokens, wrist tokens, proprio token, instruction words, act]
+The backbone's output at the act token is the hidden state [H] (what the draft model reads) and gives
+layer 0's logits through head 0. Each further residual layer l costs ONE more position: the summed
+embedding of layer l-1's 128 codes, whose output gives layer l's logits through head l. On a CPU a
+pass's cost grows with its positions, so one position per layer (not 128) keeps decoding cheap, and the
+speculative verify pass (`step_many`) checks several layers with only a few positions.
+
+Codes of one layer are tokens[..., l] of a chunk's tokens [8, 16, L], flattened row-major to [128].
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache, LlamaModel
+
+from rsd.io import load_torch, save_torch
+from rsd.policy.config import PAD_ID, PolicyConfig
+
+CHECKPOINT_FORMAT = "rsd-main-policy"
+FORMAT_VERSION = 1
+
+Observation = dict[str, Tensor]
+"""agentview uint8 [B,h,w,3], wrist uint8 [B,h,w,3], proprio float [B,P], instruction_ids long [B,T],
+instruction_mask long [B,T] (1 = word, 0 = left padding; see `MainPolicy.encode_instructions`)."""
+
+
+@dataclass
+class PolicyCache:
+    """The transformers KV cache plus the attention mask of the positions it holds.
+
+    The mask must travel with the cache: left padding differs per sample, and every later pass has to
+    keep ignoring those positions and number its own positions from each sample's true length.
+    """
+
+    kv: DynamicCache
+    attention_mask: Tensor  # [B, S] long, 1 = real position, 0 = left padding
+    prompt_length: int  # S right after prefill
+
+    @property
+    def num_positions(self) -> int:
+        """Positions held: the prompt, then one per residual layer fed so far."""
+        return self.attention_mask.shape[1]
+
+    def crop(self, num_positions: int) -> None:
+        """Cut the cache back to its first `num_positions` positions (e.g. after a rejected draft layer)."""
+        if not self.prompt_length <= num_positions <= self.num_positions:
+            raise ValueError(f"cannot crop a cache of {self.num_positions} positions to {num_positions}; "
+                             f"expected {self.prompt_length} (the prompt) to {self.num_positions}")
+        if num_positions < self.num_positions:
+            self.kv.crop(num_positions - self.num_positions)  # a negative count drops the last entries
+            self.attention_mask = self.attention_mask[:, :num_positions]
+
+
+class CameraEncoder(nn.Module):
+    """One conv net shared by both cameras; a camera embedding tells the backbone which camera a token is from."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        hidden, grid = config.backbone.hidden_size, config.vision_grid
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c_out in config.vision_channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(math.gcd(8, c_out), c_out), nn.GELU()]
+            c_in = c_out
+        self.image_size = config.image_size
+        self.conv = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(grid))
+        self.proj = nn.Linear(c_in, hidden)
+        self.cell_embed = nn.Parameter(0.02 * torch.randn(grid * grid, hidden))  # where in the image
+        self.camera_embed = nn.Parameter(0.02 * torch.randn(2, hidden))  # agentview, wrist
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images uint8 [B, 2, h, w, 3] (agentview, wrist) -> visual tokens [B, 2 * grid², H]."""
+        B = images.shape[0]
+        x = images.flatten(0, 1).permute(0, 3, 1, 2).float()  # [2B, 3, h, w] in 0..255
+        if x.shape[-2:] != (self.image_size, self.image_size):  # float32: antialiased resize has no bf16 kernel
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        x = self.conv((x / 127.5 - 1.0).to(self.proj.weight.dtype))  # [2B, C, grid, grid]
+        x = self.proj(x.flatten(2).transpose(1, 2)) + self.cell_embed  # [2B, grid², H]
+        x = x.unflatten(0, (B, 2)) + self.camera_embed[:, None]  # [B, 2, grid², H]
+        return x.flatten(1, 2)
+
+
+class MainPolicy(nn.Module):
+    """Observation -> RFSQ tokens [B, 8, 16, L] by greedy decoding, one residual layer per backbone pass."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.config = config
+        hidden, codes, levels = config.backbone.hidden_size, config.codes_per_layer, config.levels
+        self.camera_encoder = CameraEncoder(config)
+        self.proprio_encoder = nn.Sequential(nn.Linear(config.proprio_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.act_embed = nn.Parameter(0.02 * torch.randn(hidden))
+        # the Llama token embedding doubles as the instruction-word embedding (row PAD_ID stays zero)
+        self.backbone = LlamaModel(config.backbone.to_llama_config(config.vocab_size))
+        # a residual layer's input: sum over its 128 code positions of a (position, code value) embedding
+        self.code_embed = nn.Embedding(codes * levels, hidden)  # row = position * levels + code
+        nn.init.normal_(self.code_embed.weight, std=0.02 / math.sqrt(codes))  # the sum then has std ~0.02
+        self.layer_embed = nn.Embedding(config.num_layers - 1, hidden)  # which layer's codes are fed
+        nn.init.normal_(self.layer_embed.weight, std=0.02)
+        self.heads = nn.ModuleList(nn.Linear(hidden, codes * levels) for _ in range(config.num_layers))
+        self.register_buffer("code_offsets", torch.arange(codes) * levels, persistent=False)  # [128]
+
+    # ---- inputs -------------------------------------------------------------------------------------
+
+    def encode_instructions(self, instructions: list[str]) -> dict[str, Tensor]:
+        """Instruction strings -> {"instruction_ids": long [B,T], "instruction_mask": long [B,T]}, left-padded."""
+        ids = [self.config.encode_instruction(text) for text in instructions]
+        T = max(map(len, ids))
+        device = self.code_offsets.device
+        return {
+            "instruction_ids": torch.tensor([[PAD_ID] * (T - len(x)) + x for x in ids], device=device),
+            "instruction_mask": torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=device),
+        }
+
+    def _prompt(self, obs: Observation) -> tuple[Tensor, Tensor]:
+        """Observation -> prompt embeddings [B, P, H] and attention mask [B, P], padding on the far left."""
+        images = torch.stack([obs["agentview"], obs["wrist"]], dim=1)  # [B, 2, h, w, 3]
+        visual = self.camera_encoder(images)  # [B, 2 * grid², H]
+        B = visual.shape[0]
+        proprio = self.proprio_encoder(obs["proprio"].to(visual.dtype))[:, None]  # [B, 1, H]
+        words = self.backbone.embed_tokens(obs["instruction_ids"])  # [B, T, H]
+        act = self.act_embed.expand(B, 1, -1)  # [B, 1, H]
+        embeds = torch.cat([visual, proprio, words, act], dim=1)  # [B, P, H]
+        ones = obs["instruction_mask"].new_ones(B, visual.shape[1] + 1)
+        mask = torch.cat([ones, obs["instruction_mask"], ones[:, :1]], dim=1).long()  # [B, P]
+        # move each row's padding in front of its visual tokens: a stable sort keeps the real order
+        order = torch.argsort(mask, dim=1, stable=True)  # [B, P]
+        return embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+
+    def _embed_codes(self, codes: Tensor, first_layer: int) -> Tensor:
+        """codes [B, n, 128] of layers first_layer.. -> one input embedding per layer [B, n, H]."""
+        if codes.numel() and not (0 <= int(codes.min()) and int(codes.max()) < self.config.levels):
+            raise ValueError(f"codes must lie in 0..{self.config.levels - 1}, got {int(codes.min())}..{int(codes.max())}")
+        layers = torch.arange(first_layer, first_layer + codes.shape[1], device=codes.device)  # [n]
+        return self.code_embed(codes + self.code_offsets).sum(dim=-2) + self.layer_embed(layers)  # [B, n, H]
+
+    def _logits(self, x: Tensor, first_layer: int) -> Tensor:
+        """Backbone outputs [B, n, H] of layers first_layer.. -> logits [B, n, 128, levels]."""
+        logits = torch.stack([self.heads[first_layer + i](x[:, i]) for i in range(x.shape[1])], dim=1)
+        return logits.unflatten(-1, (self.config.codes_per_layer, self.config.levels))
+
+    def _backbone(self, embeds: Tensor, mask: Tensor, positions: Tensor, kv: DynamicCache | None) -> Tensor:
+        """Llama over embeds [B, n, H]; mask covers the cached and the new positions. -> [B, n, H]."""
+        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=kv,
+                            use_cache=kv is not None)
+        return out.last_hidden_state
+
+    # ---- inference (no autograd) ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, obs: Observation) -> tuple[Tensor, Tensor, PolicyCache]:
+        """Prompt pass -> hidden_state [B, H] (act position), layer-0 logits [B, 128, levels], cache."""
+        embeds, mask = self._prompt(obs)  # [B, P, H], [B, P]
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each sample counts from its first real token
+        kv = DynamicCache(config=self.backbone.config)
+        hidden = self._backbone(embeds, mask, positions, kv)[:, -1]  # [B, H]
+        return hidden, self._logits(hidden[:, None], 0)[:, 0], PolicyCache(kv, mask, mask.shape[1])
+
+    @torch.no_grad()
+    def step_many(self, codes: Tensor, first_layer: int, cache: PolicyCache) -> Tensor:
+        """Feed codes [B, n, 128] of layers first_layer..first_layer+n-1 in ONE pass (n positions appended
+        to the cache) -> logits [B, n, 128, levels] of layers first_layer+1..first_layer+n."""
+        B, n, _ = codes.shape
+        if not (n >= 1 and 0 <= first_layer and first_layer + n <= self.config.num_layers - 1):
+            raise ValueError(f"cannot feed layers {first_layer}..{first_layer + n - 1}: the policy predicts layers "
+                             f"1..{self.config.num_layers - 1} from layers 0..{self.config.num_layers - 2}")
+        if cache.num_positions != cache.prompt_length + first_layer:
+            raise ValueError(f"the cache holds {cache.num_positions} positions, feeding layer {first_layer} needs "
+                             f"{cache.prompt_length + first_layer} (prompt + one per earlier layer); crop it first")
+        positions = cache.attention_mask.sum(dim=1, keepdim=True) + torch.arange(n, device=codes.device)  # [B, n]
+        mask = torch.cat([cache.attention_mask, cache.attention_mask.new_ones(B, n)], dim=1)  # [B, S + n]
+        out = self._backbone(self._embed_codes(codes, first_layer), mask, positions, cache.kv)  # [B, n, H]
+        cache.attention_mask = mask
+        return self._logits(out, first_layer + 1)
+
+    def step(self, codes: Tensor, layer: int, cache: PolicyCache) -> Tensor:
+        """Feed layer-1's codes [B, 128] (one position appended to the cache) -> logits [B, 128, levels] of `layer`."""
+        return self.step_many(codes[:, None], layer - 1, cache)[:, 0]
+
+    @torch.no_grad()
+    def generate(self, obs: Observation) -> Tensor:
+        """Greedy decoding, layer by layer with the cache -> tokens long [B, 8, 16, L]."""
+        _, logits, cache = self.prefill(obs)
+        codes = [logits.argmax(dim=-1)]  # L x [B, 128]
+        for layer in range(1, self.config.num_layers):
+            codes.append(self.step(codes[-1], layer, cache).argmax(dim=-1))
+        return torch.stack(codes, dim=-1).unflatten(1, (8, 16))
+
+    # ---- training -------------------------------------------------------------------------------------
+
+    def forward_teacher(self, obs: Observation, tokens: Tensor) -> Tensor:
+        """Teacher forcing, one pass over the prompt and L-1 layer positions: tokens [B, 8, 16, L] ->
+        logits [B, L, 128, levels], layer l's logits seeing the true codes of layers < l."""
+        embeds, mask = self._prompt(obs)  # [B, P, H], [B, P]
+        codes = tokens.flatten(1, 2).transpose(1, 2)  # [B, L, 128]
+        layer_inputs = self._embed_codes(codes[:, :-1], 0)  # [B, L-1, H]
+        embeds = torch.cat([embeds, layer_inputs], dim=1)  # [B, P + L-1, H]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], layer_inputs.shape[1])], dim=1)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self._backbone(embeds, mask, positions, None)  # [B, P + L-1, H]
+        return self._logits(out[:, -self.config.num_layers:], 0)  # act position, then the L-1 layer positions
+
+    def loss(self, obs: Observation, tokens: Tensor) -> Tensor:
+        """Behaviour-cloning cross entropy over every code of every layer."""
+        logits = self.forward_teacher(obs, tokens)  # [B, L, 128, levels]
+        target = tokens.flatten(1, 2).transpose(1, 2)  # [B, L, 128]
+        return F.cross_entropy(logits.flatten(0, 2).float(), target.flatten())
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Config (with vocabulary) + weights, written atomically."""
+        save_torch(path, {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION,
+                          "config": self.config.to_dict(), "state_dict": self.state_dict()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config: PolicyConfig | None = None) -> MainPolicy:
+        """Rebuild the policy a checkpoint describes; with `config`, refuse a checkpoint saved with another one."""
+        ckpt = load_torch(path, "main policy")
+        if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} is not a main policy checkpoint of format {CHECKPOINT_FORMAT!r} v{FORMAT_VERSION} "
+                             f"(found {ckpt.get('format')!r} v{ckpt.get('format_version')})")
+        try:
+            saved = PolicyConfig.from_dict(ckpt["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"main policy checkpoint {path} has an invalid config: {exc}") from exc
+        if config is not None and config != saved:
+            raise ValueError(f"main policy checkpoint {path} was saved with another config (expected vs saved): "
+                             + "; ".join(config.differences(saved)))
+        model = cls(saved)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items()}
+        problems = [f"missing {k}" for k in expected.keys() - found.keys()]
+        problems += [f"unexpected {k}" for k in found.keys() - expected.keys()]
+        problems += [f"{k}: {found[k]} vs {expected[k]} expected" for k in expected.keys() & found.keys()
+                     if found[k] != expected[k]]
+        if problems:
+            raise ValueError(f"main policy checkpoint {path} does not fit its config: " + "; ".join(sorted(problems)[:10])
+                             + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""))
+        model.load_state_dict(ckpt["state_dict"])
+        return model

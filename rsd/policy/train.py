@@ -1,0 +1,219 @@
+"""Behaviour cloning of the main policy on demonstrations: teacher forcing over all residual layers."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rsd.data import TaskDemos, action_chunks, split_episodes
+from rsd.policy.config import PolicyConfig, build_vocab
+from rsd.policy.model import MainPolicy
+from rsd.progress import Progress
+from rsd.tokenizer.model import RFSQTokenizer
+
+log = logging.getLogger("rsd.policy")
+
+
+@dataclass
+class PolicyTrainConfig:
+    """How the main policy is trained (the `policy` section of params.yaml, beside `model`)."""
+
+    epochs: int = 10
+    """Passes over the training samples (one sample per demo step)."""
+    batch_size: int = 64
+    """Samples per optimizer step."""
+    lr: float = 1e-3
+    """AdamW peak learning rate, after warmup, before cosine decay to 10%."""
+    warmup_steps: int = 200
+    """Linear warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    val_fraction: float = 0.1
+    """Share of each task's episodes held out for validation."""
+    shift_pixels: int = 4
+    """Random-shift augmentation: images are padded by this many pixels and cropped back at random (0 = off)."""
+    num_threads: int = 2
+    """torch CPU threads."""
+    seed: int = 0
+    """Seeds the split, the initialisation and the batches (taken from base.seed by the stage)."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "num_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"policy.{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"policy.lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"policy.warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"policy.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"policy.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not isinstance(self.shift_pixels, int) or self.shift_pixels < 0:
+            raise ValueError(f"policy.shift_pixels must be a non-negative int, got {self.shift_pixels!r}")
+
+
+@dataclass
+class BCSamples:
+    """One sample per demo step: what the policy saw there and the tokens of the chunk it should emit."""
+
+    images: Tensor  # uint8 [N, 2, s, s, 3] (agentview, wrist), already at the policy's image size
+    proprio: Tensor  # float32 [N, 8]
+    instruction: Tensor  # long [N], index into `instructions`
+    tokens: Tensor  # uint8 [N, 8, 16, L]
+    instructions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.proprio)
+
+    def batch(self, index: Tensor, policy: MainPolicy, shift: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+        images = self.images[index]
+        if shift:
+            images = random_shift(images, shift)
+        obs = {"agentview": images[:, 0], "wrist": images[:, 1], "proprio": self.proprio[index]}
+        obs.update(policy.encode_instructions([self.instructions[i] for i in self.instruction[index].tolist()]))
+        return obs, self.tokens[index].long()
+
+
+def resize_images(images: np.ndarray, size: int) -> Tensor:
+    """uint8 [..., h, w, 3] -> uint8 [..., size, size, 3], with the antialiased resize the policy uses itself."""
+    x = torch.from_numpy(images)
+    if x.shape[-3:-1] == (size, size):
+        return x
+    lead = x.shape[:-3]
+    x = x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2).float()
+    out = []
+    for part in x.split(512):  # bounded memory
+        out.append(F.interpolate(part, size=(size, size), mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out).permute(0, 2, 3, 1).reshape(*lead, size, size, 3)
+
+
+def random_shift(images: Tensor, pad: int) -> Tensor:
+    """Shift each sample's images by up to `pad` pixels (edge-replicated), the same shift for both cameras."""
+    B, C, h, w, _ = images.shape
+    x = images.permute(0, 1, 4, 2, 3).reshape(B, C * 3, h, w).float()
+    x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, B)).tolist()
+    x = torch.stack([x[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(B)])
+    return x.reshape(B, C, 3, h, w).permute(0, 1, 3, 4, 2).to(torch.uint8)
+
+
+def build_samples(tasks: list[TaskDemos], tokenizer: RFSQTokenizer, image_size: int, episodes: list[tuple[int, int]]) -> BCSamples:
+    """Samples of the given (task, demo) episodes: images resized, chunks tokenized."""
+    instructions = [t.instruction for t in tasks]
+    images, proprio, instruction, tokens = [], [], [], []
+    for task_index, demo_index in episodes:
+        demo = tasks[task_index].demos[demo_index]
+        images.append(resize_images(np.stack([demo.agentview, demo.wrist], axis=1), image_size))
+        proprio.append(torch.from_numpy(demo.proprio))
+        instruction.append(torch.full((len(demo),), task_index, dtype=torch.long))
+        with torch.no_grad():
+            tokens.append(tokenizer.encode(torch.from_numpy(action_chunks(demo.actions))).to(torch.uint8))
+    return BCSamples(torch.cat(images), torch.cat(proprio), torch.cat(instruction), torch.cat(tokens), instructions)
+
+
+def split_by_task(tasks: list[TaskDemos], val_fraction: float, seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(task, demo) pairs for training and validation: every task keeps some episodes of each."""
+    train, val = [], []
+    for t, task in enumerate(tasks):
+        train_idx, val_idx = split_episodes(len(task.demos), val_fraction, seed + t)
+        train += [(t, int(i)) for i in train_idx]
+        val += [(t, int(i)) for i in val_idx]
+    return train, val
+
+
+@torch.no_grad()
+def evaluate(policy: MainPolicy, samples: BCSamples, batch_size: int = 256) -> tuple[float, list[float]]:
+    """Mean cross entropy and per-layer token accuracy (teacher forced) over all samples."""
+    policy.eval()
+    loss_sum, correct = 0.0, torch.zeros(policy.config.num_layers)
+    for index in torch.arange(len(samples)).split(batch_size):
+        obs, tokens = samples.batch(index, policy)
+        logits = policy.forward_teacher(obs, tokens)  # [B, L, 128, levels]
+        target = tokens.flatten(1, 2).transpose(1, 2)  # [B, L, 128]
+        loss_sum += F.cross_entropy(logits.flatten(0, 2).float(), target.flatten(), reduction="sum").item()
+        correct += (logits.argmax(-1) == target).float().sum(dim=(0, 2))
+    codes = len(samples) * policy.config.codes_per_layer
+    return loss_sum / (codes * policy.config.num_layers), (correct / codes).tolist()
+
+
+def train_policy(
+    tasks: list[TaskDemos],
+    tokenizer: RFSQTokenizer,
+    model_config: dict[str, Any],
+    config: PolicyTrainConfig,
+    live: Any | None = None,
+) -> tuple[MainPolicy, dict[str, Any]]:
+    """Behaviour cloning; returns the trained policy and its metrics. `live` is an optional dvclive.Live."""
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.num_threads)
+    policy_config = PolicyConfig.from_dict(
+        {**model_config, "vocab": build_vocab([t.instruction for t in tasks]), "num_layers": tokenizer.config.num_layers, "levels": tokenizer.config.levels}
+    )
+    policy = MainPolicy(policy_config)
+    train_eps, val_eps = split_by_task(tasks, config.val_fraction, config.seed)
+    train = build_samples(tasks, tokenizer, policy_config.image_size, train_eps)
+    val = build_samples(tasks, tokenizer, policy_config.image_size, val_eps)
+    parameters = sum(p.numel() for p in policy.parameters())
+    log.info("main policy: %.2fM parameters; %d train samples (%d episodes), %d val samples (%d episodes)",
+             parameters / 1e6, len(train), len(train_eps), len(val), len(val_eps))
+
+    steps_per_epoch = len(train) // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def lr_scale(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
+    generator = torch.Generator().manual_seed(config.seed)
+    start = time.monotonic()
+    history = []
+    with Progress(total_steps, "policy") as bar:
+        for epoch in range(1, config.epochs + 1):
+            policy.train()
+            order = torch.randperm(len(train), generator=generator)[: steps_per_epoch * config.batch_size]
+            train_loss = 0.0
+            for index in order.split(config.batch_size):
+                obs, tokens = train.batch(index, policy, config.shift_pixels)
+                loss = policy.loss(obs, tokens)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                train_loss += loss.item() / steps_per_epoch
+                bar.update(1, epoch=epoch, loss=f"{loss.item():.3f}")
+            val_loss, val_acc = evaluate(policy, val)
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc})
+            log.info("Epoch %d/%d | Train Loss: %.4f | Val Loss: %.4f | Val Acc: %s", epoch, config.epochs, train_loss, val_loss,
+                     " ".join(f"L{i}={a:.3f}" for i, a in enumerate(val_acc)))
+            if live is not None:
+                live.log_metric("train/loss", train_loss)
+                live.log_metric("val/loss", val_loss)
+                for i, a in enumerate(val_acc):
+                    live.log_metric(f"val/token_accuracy_L{i}", a)
+                live.next_step()
+    metrics = {
+        "val_loss": round(history[-1]["val_loss"], 5),
+        "val_token_accuracy_per_layer": [round(a, 4) for a in history[-1]["val_acc"]],
+        "train_loss": round(history[-1]["train_loss"], 5),
+        "epochs": config.epochs,
+        "train_seconds": round(time.monotonic() - start, 1),
+        "parameters": parameters,
+        "train_samples": len(train),
+        "val_samples": len(val),
+        "train_episodes": len(train_eps),
+    }
+    return policy, metrics

@@ -1,0 +1,4 @@
+"""LIBERO libero_spatial simulation (`env`) and the scripted expert that demonstrates it (`expert`).
+
+Import the submodules directly: `env` sets headless-rendering defaults before robosuite loads.
+"""

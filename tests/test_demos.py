@@ -1,0 +1,92 @@
+"""The demos stage end to end on a tiny real run, and the demo file format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from rsd.data import action_chunks, demo_files, read_demos, read_task_demos
+from rsd.demos import DemosConfig, make_demos
+from rsd.params import section
+from rsd.sim.env import SimConfig
+
+TASK = 2  # bowl at the table centre: the expert's quickest task
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demos") / "demos"
+    config = DemosConfig(tasks=[TASK], attempts_per_task=2, workers=1)
+    metrics = make_demos(config, SimConfig(image_size=32), seed=7, out_dir=out)
+    return out, metrics
+
+
+def test_stage_writes_libero_layout_that_reads_back(stage_run):
+    out, metrics = stage_run
+    assert metrics["episodes"] == 2 and metrics["kept"] >= 1, metrics
+    assert set(metrics) >= {"success_rate", "episodes", "kept", "per_task", "mean_length", "within_budget", "frames", "wall_seconds"}
+    (path,) = demo_files(out)
+    task = read_task_demos(path)
+    assert "black bowl" in task.instruction
+    assert len(task.demos) == metrics["kept"]
+    demo = task.demos[0]
+    T = len(demo)
+    assert sum(len(d) for d in task.demos) == metrics["frames"]
+    assert demo.actions.shape == (T, 7) and np.abs(demo.actions).max() <= 1.0
+    assert demo.agentview.shape == demo.wrist.shape == (T, 32, 32, 3) and demo.agentview.dtype == np.uint8
+    assert demo.proprio.shape == (T, 8) and demo.joint_states.shape == (T, 7)
+    assert demo.states.shape[0] == T and demo.seed is not None
+    with h5py.File(path) as f:  # the keys LIBERO's own loaders read
+        assert {"problem_info", "env_args", "num_demos", "total"} <= set(f["data"].attrs)
+        assert {"agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states", "joint_states"} <= set(f["data/demo_0/obs"])
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_official_layout_images_are_turned_upright(stage_run, tmp_path):
+    """A file without our `images_upright` flag is LIBERO's: its frames come back flipped."""
+    out, _ = stage_run
+    (path,) = demo_files(out)
+    copy = tmp_path / path.name
+    copy.write_bytes(path.read_bytes())
+    with h5py.File(copy, "a") as f:
+        del f["data"].attrs["images_upright"]
+    ours, official = read_task_demos(path).demos[0], read_task_demos(copy).demos[0]
+    assert not np.array_equal(ours.agentview, official.agentview)
+    assert np.array_equal(ours.agentview[:, ::-1], official.agentview)
+
+
+def test_copies_official_demo_folder(stage_run, tmp_path):
+    out, _ = stage_run
+    metrics = make_demos(DemosConfig(source=str(out)), SimConfig(), seed=0, out_dir=tmp_path / "copy")
+    assert metrics["kept"] == len(read_demos(tmp_path / "copy")[0].demos)
+
+
+def test_missing_and_corrupt_demo_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        read_demos(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no .*_demo.hdf5 files"):
+        read_demos(tmp_path)
+    bad = tmp_path / "task_demo.hdf5"
+    bad.write_bytes(b"not an hdf5 file")
+    with pytest.raises(ValueError, match="task_demo.hdf5"):
+        read_demos(tmp_path)
+
+
+def test_bad_demos_params_are_refused():
+    with pytest.raises(ValueError, match="demos.tasks"):
+        DemosConfig(tasks=[12])
+    with pytest.raises(ValueError, match="demos.attempts_per_task"):
+        DemosConfig(attempts_per_task=0)
+    with pytest.raises(ValueError, match="demos.bogus"):
+        section({"demos": {"bogus": 1}}, "demos", DemosConfig)
+
+
+def test_action_chunks_pad_with_last_action():
+    actions = np.arange(3 * 7, dtype=np.float32).reshape(3, 7)
+    chunks = action_chunks(actions)
+    assert chunks.shape == (3, 8, 7)
+    assert np.array_equal(chunks[0, :3], actions) and np.array_equal(chunks[0, 3:], np.repeat(actions[-1:], 5, 0))
+    with pytest.raises(ValueError, match=r"\[T>0, 7\]"):
+        action_chunks(np.zeros((4, 6)))

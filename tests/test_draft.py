@@ -1,0 +1,316 @@
+"""Draft model: samples file, model contract, training and the post-training checks.
+
+Training runs on a small synthetic dataset whose codes are a fixed function of the hidden state, like
+the main policy's: each (task, phase of the episode) has its own hidden-state centre and its own codes,
+so a draft that learns anything beats chance (1/7) by far.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from rsd.draft import (DraftConfig, DraftSamples, DraftTrainConfig, DraftVerificationError,
+                       RFSQDraftModelWithProjection, VerifyConfig, load_draft, require_verified, train_draft,
+                       verify_checkpoint)
+from rsd.draft.model import num_parameters
+
+H = 32  # hidden size of the synthetic main policy: small keeps training fast
+CHECKPOINT_KEYS = {"model_state_dict", "optimizer_state_dict", "epoch", "val_accuracy", "val_accuracies_per_layer",
+                   "config", "layer_exact_match", "format_version"}
+SMALL = dict(hidden_dim=64, num_heads=4, ff_dim=64, dropout=0.0)  # a draft that trains in seconds
+
+
+def synthetic_records(num_tasks: int, episodes_per_task: int, steps: int, seed: int) -> list[dict[str, Any]]:
+    """Per-call records; episodes are numbered per task (episode 0 exists in every task)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (num_tasks, 2, H))  # (task, phase) -> hidden-state centre
+    codes = rng.integers(0, 7, (num_tasks, 2, 8, 16, 3))  # (task, phase) -> coarse tokens
+    records = []
+    for task in range(num_tasks):
+        for episode in range(episodes_per_task):
+            for step in range(0, 8 * steps, 8):  # one policy call per 8-step chunk
+                phase = int(step >= 4 * steps)
+                hidden = centres[task, phase] + rng.normal(0, 0.1, H)
+                records.append({"hidden_state": hidden.astype(np.float32), "coarse_tokens": codes[task, phase],
+                                "task": task, "episode": episode, "step": step})
+    return records
+
+
+def synthetic_samples(seed: int = 0) -> DraftSamples:
+    return DraftSamples.from_records(synthetic_records(num_tasks=4, episodes_per_task=5, steps=16, seed=seed),
+                                     task_names=[f"task {i}" for i in range(4)])
+
+
+class FakeLive:
+    """Records what training sends to DVCLive."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = [{}]
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.steps[-1][name] = value
+
+    def next_step(self) -> None:
+        self.steps.append({})
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """These models are tiny: a second thread costs more than it gains, more so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One training run shared by the tests: checkpoint path, metrics, log lines, DVCLive steps."""
+    path = tmp_path_factory.mktemp("draft") / "best_draft_with_projection.pt"
+    capture, live = Capture(), FakeLive()
+    logger = logging.getLogger("rsd.draft")
+    logger.addHandler(capture)
+    logger.setLevel(logging.INFO)
+    try:
+        metrics = train_draft(synthetic_samples(), DraftConfig(input_dim=H, **SMALL),
+                              DraftTrainConfig(epochs=8, batch_size=16, lr=5e-3, seed=0), path, live)
+    finally:
+        logger.removeHandler(capture)
+    return {"path": path, "metrics": metrics, "lines": capture.lines, "live": live}
+
+
+# ---- samples ------------------------------------------------------------------------------------------
+
+def test_samples_save_load_shapes_and_dtypes(tmp_path: Path) -> None:
+    records = synthetic_records(num_tasks=2, episodes_per_task=2, steps=3, seed=1)
+    samples = DraftSamples.from_records(records, task_names=["a", "b"])
+    samples.save(tmp_path / "samples.pt")
+    data = DraftSamples.load(tmp_path / "samples.pt")
+
+    assert len(data) == len(records) == 12 and data.hidden_size == H and data.task_names == ["a", "b"]
+    assert data.hidden_state.dtype == torch.float16 and data.hidden_state.shape == (12, H)
+    assert data.coarse_tokens.dtype == torch.uint8 and data.coarse_tokens.shape == (12, 8, 16, 3)
+    assert (data.task.dtype, data.episode.dtype, data.step.dtype) == (torch.int16, torch.int32, torch.int32)
+    sample = data[5]
+    assert set(sample) == {"hidden_state", "coarse_tokens", "task", "episode", "step"}
+    assert sample["hidden_state"].dtype == torch.float32 and sample["hidden_state"].shape == (H,)
+    assert sample["coarse_tokens"].dtype == torch.long and sample["coarse_tokens"].shape == (8, 16, 3)
+    torch.testing.assert_close(sample["hidden_state"], torch.from_numpy(records[5]["hidden_state"]),
+                               rtol=1e-3, atol=1e-3)
+    assert torch.equal(sample["coarse_tokens"], torch.from_numpy(records[5]["coarse_tokens"]))
+    assert (sample["task"], sample["episode"], sample["step"]) == (0, 1, 16)
+
+
+def test_samples_keep_float32_beyond_float16_range_and_refuse_nan() -> None:
+    records = synthetic_records(num_tasks=1, episodes_per_task=2, steps=2, seed=0)
+    records[0]["hidden_state"] = records[0]["hidden_state"] * 1e5
+    assert DraftSamples.from_records(records).hidden_state.dtype == torch.float32
+    records[0]["hidden_state"][0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        DraftSamples.from_records(records)
+
+
+def test_samples_join_and_refuse_bad_records() -> None:
+    a, b = synthetic_samples(seed=0), synthetic_samples(seed=1)
+    joined = DraftSamples.concat([a, b])
+    assert len(joined) == len(a) + len(b) and torch.equal(joined.hidden_state[len(a):], b.hidden_state)
+    records = synthetic_records(num_tasks=1, episodes_per_task=1, steps=2, seed=0)
+    del records[1]["step"]
+    with pytest.raises(ValueError, match="'step'"):
+        DraftSamples.from_records(records)
+    with pytest.raises(ValueError, match="task indices"):
+        DraftSamples.from_records(synthetic_records(2, 1, 2, 0), task_names=["only one"])
+
+
+def test_samples_load_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        DraftSamples.load(tmp_path / "missing.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        DraftSamples.load(tmp_path / "garbage.pt")
+    torch.save({"format": "something else"}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="foreign.pt.*not a draft samples file"):
+        DraftSamples.load(tmp_path / "foreign.pt")
+
+
+def test_split_by_episode_shares_no_episode() -> None:
+    samples = synthetic_samples()
+    train_idx, val_idx = samples.split_by_episode(0.25, seed=3)
+    assert torch.equal(torch.sort(torch.cat([train_idx, val_idx])).values, torch.arange(len(samples)))
+    episodes = {int(t) * 1000 + int(e) for t, e in zip(samples.task, samples.episode)}
+    train_eps = {int(samples.task[i]) * 1000 + int(samples.episode[i]) for i in train_idx}
+    val_eps = {int(samples.task[i]) * 1000 + int(samples.episode[i]) for i in val_idx}
+    assert not train_eps & val_eps and train_eps | val_eps == episodes and len(val_eps) == 5  # 25% of 20
+    again_train, again_val = samples.split_by_episode(0.25, seed=3)
+    assert torch.equal(train_idx, again_train) and torch.equal(val_idx, again_val)
+
+
+# ---- model and config ---------------------------------------------------------------------------------
+
+def test_model_size_keys_and_output_shape() -> None:
+    torch.manual_seed(0)
+    model = RFSQDraftModelWithProjection(input_dim=4096, hidden_dim=512, num_coarse_layers=3).eval()
+    assert 4.23e6 <= num_parameters(model) <= 5.17e6
+    assert list(model.state_dict())[:3] == ["input_projection.weight", "input_projection.bias",
+                                            "decoder.decoder_layer.self_attn.in_proj_weight"]
+    hidden = torch.randn(2, 4096)
+    assert model(hidden).shape == (2, 3, 128, 7)
+    codes = model.propose(hidden)
+    assert codes.dtype == torch.long and codes.shape == (2, 3, 128) and 0 <= codes.min() and codes.max() <= 6
+    assert RFSQDraftModelWithProjection(DraftConfig(input_dim=4096)).config == model.config
+
+
+def test_logits_are_timestep_major() -> None:
+    """Query (layer l, timestep t) predicts the 16 codes t*16 .. t*16+15 of layer l: the main policy's order."""
+    torch.manual_seed(0)
+    model = RFSQDraftModelWithProjection(DraftConfig(input_dim=H, **SMALL)).eval()
+    hidden = torch.randn(1, H)
+    with torch.no_grad():
+        per_query = model.head(model.decoder(model.input_projection(hidden)))  # [1, 3 * 8, 16 * 7]
+        logits = model(hidden)  # [1, 3, 128, 7]
+    layer, t, d = 1, 2, 5
+    assert torch.equal(logits[0, layer, t * 16 + d], per_query[0, layer * 8 + t, d * 7:(d + 1) * 7])
+
+
+def test_configs_name_the_bad_field() -> None:
+    with pytest.raises(ValueError, match="input_dim"):
+        DraftConfig(input_dim=0)
+    with pytest.raises(ValueError, match="num_heads"):
+        DraftConfig(input_dim=8, hidden_dim=100, num_heads=8)
+    with pytest.raises(ValueError, match="dropout"):
+        DraftConfig(input_dim=8, dropout=1.0)
+    with pytest.raises(ValueError, match="unknown DraftConfig field"):
+        DraftConfig.from_dict({"input_dim": 8, "depth": 2})
+    with pytest.raises(ValueError, match="lr"):
+        DraftTrainConfig(lr=0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        DraftTrainConfig(val_fraction=1.0)
+    with pytest.raises(ValueError, match="min_val_accuracy"):
+        VerifyConfig(min_val_accuracy=1.5)
+
+
+# ---- training -----------------------------------------------------------------------------------------
+
+def test_training_learns_and_writes_the_checkpoint(trained: dict[str, Any]) -> None:
+    metrics = trained["metrics"]
+    assert metrics["best_val_accuracy"] > 0.8  # chance is 1/7
+    assert metrics["train_samples"] + metrics["val_samples"] == 320 and metrics["val_samples"] == 32  # 2 of 20 episodes
+    assert set(metrics) >= {"best_val_accuracy", "val_accuracies_per_layer", "best_epoch", "epochs", "train_seconds",
+                            "parameters", "layer_exact_match", "train_samples", "val_samples"}
+    ckpt = torch.load(trained["path"], weights_only=False)
+    assert set(ckpt) == CHECKPOINT_KEYS
+    assert ckpt["epoch"] == metrics["best_epoch"]
+    assert ckpt["val_accuracy"] == pytest.approx(metrics["best_val_accuracy"])
+    assert len(ckpt["val_accuracies_per_layer"]) == 3 and len(ckpt["layer_exact_match"]) == 3
+    assert ckpt["config"] == DraftConfig(input_dim=H, **SMALL).to_dict()
+
+    model, record = load_draft(trained["path"])
+    assert record["val_accuracy"] == ckpt["val_accuracy"] and model(torch.randn(1, H)).shape == (1, 3, 128, 7)
+
+
+def test_training_logs_like_the_checklist(trained: dict[str, Any]) -> None:
+    lines = trained["lines"]
+    assert lines[:3] == [f"Model created: {trained['metrics']['parameters'] / 1e6:.1f}M parameters",
+                         "Train samples: 288", "Val samples: 32"]
+    epochs = [line for line in lines if line.startswith("Epoch ")]
+    assert len(epochs) == 8 and epochs[0].startswith("Epoch 1/8 | Train Loss: ")
+    assert " | Train Acc: L0=" in epochs[0] and " | Val Acc: L0=" in epochs[0] and " | Avg=" in epochs[0]
+    assert any(line.startswith("Best model saved: 0.") for line in lines)
+    assert lines[-1] == f"Training Complete! Best Val Accuracy: {trained['metrics']['best_val_accuracy']:.3f}"
+    steps = trained["live"].steps
+    assert len(steps) == 9 and steps[-1] == {}  # one step per epoch, then next_step
+    assert {"train/loss", "val/loss", "val/acc_L0", "val/acc_L2", "val/acc_avg"} <= set(steps[0])
+
+
+def test_training_is_deterministic_and_checks_its_inputs(tmp_path: Path) -> None:
+    samples = DraftSamples.from_records(synthetic_records(2, 3, 4, seed=2))
+    config, train_config = DraftConfig(input_dim=H, **SMALL), DraftTrainConfig(epochs=1, batch_size=8, seed=5)
+    states = []
+    for name in ("a.pt", "b.pt"):
+        train_draft(samples, config, train_config, tmp_path / name)
+        states.append(torch.load(tmp_path / name, weights_only=False)["model_state_dict"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    with pytest.raises(ValueError, match="input_dim"):
+        train_draft(samples, DraftConfig(input_dim=H + 1, **SMALL), train_config, tmp_path / "c.pt")
+
+
+# ---- verify -------------------------------------------------------------------------------------------
+
+def edited(trained: dict[str, Any], tmp_path: Path, edit: Any) -> Path:
+    """A copy of the good checkpoint after `edit(ckpt)`."""
+    ckpt = torch.load(trained["path"], weights_only=False)
+    edit(ckpt)
+    torch.save(ckpt, tmp_path / "edited.pt")
+    return tmp_path / "edited.pt"
+
+
+def assert_refused(result: dict[str, Any], check: str) -> None:
+    assert not result["passed"] and not result[check]["passed"]
+    with pytest.raises(DraftVerificationError, match=check):
+        require_verified(result)
+
+
+def test_verify_accepts_the_trained_checkpoint(trained: dict[str, Any]) -> None:
+    result = verify_checkpoint(trained["path"], min_val_accuracy=0.8, input_dim=H)
+    assert result["passed"], result
+    assert set(result) == {"file_readable", "required_keys", "val_accuracy", "projection_present",
+                           "loads_into_fresh_model", "output_shape", "finite_logits", "passed"}
+    require_verified(result)
+
+
+def test_verify_refuses_missing_keys(trained: dict[str, Any], tmp_path: Path) -> None:
+    def drop(ckpt: dict) -> None:
+        del ckpt["optimizer_state_dict"], ckpt["val_accuracies_per_layer"]
+    result = verify_checkpoint(edited(trained, tmp_path, drop), 0.8)
+    assert_refused(result, "required_keys")
+    assert "optimizer_state_dict" in result["required_keys"]["detail"]
+
+
+def test_verify_refuses_a_checkpoint_without_projection(trained: dict[str, Any], tmp_path: Path) -> None:
+    def drop(ckpt: dict) -> None:
+        del ckpt["model_state_dict"]["input_projection.weight"], ckpt["model_state_dict"]["input_projection.bias"]
+    result = verify_checkpoint(edited(trained, tmp_path, drop), 0.8)
+    assert_refused(result, "projection_present")
+    assert not result["loads_into_fresh_model"]["passed"]
+    assert result["output_shape"]["detail"].startswith("skipped:")
+
+
+def test_verify_refuses_a_wrong_output_shape(trained: dict[str, Any], tmp_path: Path) -> None:
+    def two_layers(ckpt: dict) -> None:
+        ckpt["config"]["num_coarse_layers"] = 2
+        ckpt["model_state_dict"] = RFSQDraftModelWithProjection(DraftConfig.from_dict(ckpt["config"])).state_dict()
+    result = verify_checkpoint(edited(trained, tmp_path, two_layers), 0.8)
+    assert result["loads_into_fresh_model"]["passed"]
+    assert_refused(result, "output_shape")
+    assert "[1, 2, 128, 7]" in result["output_shape"]["detail"]
+
+
+def test_verify_refuses_low_accuracy(trained: dict[str, Any], tmp_path: Path) -> None:
+    def worse(ckpt: dict) -> None:
+        ckpt["val_accuracy"], ckpt["val_accuracies_per_layer"] = 0.5, [0.6, 0.5, 0.4]
+    result = verify_checkpoint(edited(trained, tmp_path, worse), 0.85)
+    assert_refused(result, "val_accuracy")
+    assert [name for name, check in result.items() if name != "passed" and not check["passed"]] == ["val_accuracy"]
+
+
+def test_verify_refuses_a_truncated_file(trained: dict[str, Any], tmp_path: Path) -> None:
+    data = trained["path"].read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
+    result = verify_checkpoint(tmp_path / "truncated.pt", 0.8)
+    assert_refused(result, "file_readable")
+    assert "truncated.pt" in result["file_readable"]["detail"]
+    assert all(result[name]["detail"].startswith("skipped:") for name in ("required_keys", "finite_logits"))
