@@ -7,7 +7,6 @@ evaluation init states), so the draft learns from states the main policy itself 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from rsd.draft.samples import DraftSamples
 from rsd.engine import Prediction
 from rsd.evaluation import Agent, init_worker, rollout, worker_agent, worker_env
+from rsd.parallel import run_unordered
 from rsd.progress import Progress
 from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig, placement_seed
 
@@ -84,9 +84,8 @@ def collect(make_agent: Callable[[], Agent], config: CollectConfig, sim: SimConf
     per_task: dict[str, int] = defaultdict(int)
     announced: set[int] = set()
     start = time.monotonic()
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(config.workers, initializer=init_worker, initargs=(make_agent, sim)) as pool, Progress(len(jobs), "collect") as bar:
-        for task, episode, success, arrays in pool.imap_unordered(_collect_episode, jobs):
+    with Progress(len(jobs), "collect") as bar:
+        for task, episode, success, arrays in run_unordered(_collect_episode, jobs, config.workers, init_worker, (make_agent, sim)):
             if task not in announced:
                 announced.add(task)
                 log.info("Task %d/%d: %s", task + 1, NUM_TASKS, info[task][1])

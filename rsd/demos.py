@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import shutil
 import time
 from collections import defaultdict
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from rsd.data import Demo, TaskDemos, demo_files, demo_path, read_task_demos, write_task_demos
+from rsd.parallel import run_unordered
 from rsd.progress import Progress
 from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig, placement_seed
 from rsd.sim.expert import rollout_expert
@@ -124,9 +124,8 @@ def _expert_demos(config: DemosConfig, sim: SimConfig, seed: int, out_dir: Path)
     kept: dict[int, list[tuple[int, Demo]]] = defaultdict(list)
     lengths: dict[int, list[int]] = defaultdict(list)  # of successes
     finished: dict[int, int] = defaultdict(int)
-    ctx = mp.get_context("spawn")  # fresh processes: no GL or torch thread state inherited
-    with ctx.Pool(config.workers, initializer=_init_worker, initargs=(sim,)) as pool, Progress(len(jobs), "demos") as bar:
-        for task, attempt, success, length, demo in pool.imap_unordered(_attempt, jobs):
+    with Progress(len(jobs), "demos") as bar:
+        for task, attempt, success, length, demo in run_unordered(_attempt, jobs, config.workers, _init_worker, (sim,)):
             finished[task] += 1
             if success:
                 kept[task].append((attempt, demo))

@@ -7,7 +7,6 @@ models never cross process boundaries.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from rsd.engine import Prediction
+from rsd.parallel import run_unordered
 from rsd.progress import Progress
 from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig
 
@@ -143,9 +143,8 @@ def evaluate(make_agent: Callable[[], Agent], config: EvalConfig, sim: SimConfig
     names = {t: LiberoEnv.task_info(t)[0] for t in tasks}
     start = time.monotonic()
     episodes: list[Episode] = []
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(config.workers, initializer=init_worker, initargs=(make_agent, sim)) as pool, Progress(len(jobs), "eval") as bar:
-        for episode in pool.imap_unordered(_run_episode, jobs):
+    with Progress(len(jobs), "eval") as bar:
+        for episode in run_unordered(_run_episode, jobs, config.workers, init_worker, (make_agent, sim)):
             episodes.append(episode)
             wins = sum(e.success for e in episodes)
             bar.update(1, success=f"{wins}/{len(episodes)}")

@@ -17,7 +17,7 @@ import io
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 # Headless rendering on the CPU; must be decided before robosuite is first imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -206,10 +206,12 @@ class LiberoEnv:
     def reset(self, init_state: int | None = None, seed: int | None = None) -> dict[str, Any]:
         """Start an episode from benchmark init state `init_state` or a fresh placement from `seed`.
 
-        Exactly one of the two. Fixture placement (in the model, not the state) and the fresh
-        placement are drawn from numpy's global RNG, seeded with `seed` (or with `init_state`, so
-        that init-state episodes are reproducible too); the caller's RNG state is restored after.
-        The env then takes `settle_steps` no-op steps. Returns the raw observation dict.
+        Exactly one of the two. The fresh placement, and for both where the fixtures stand (that
+        is in the model, not the state), come from numpy's global RNG seeded with `seed` (or
+        `init_state`, so init-state episodes are reproducible too), drawn again from the same
+        stream while objects interpenetrate; the caller's RNG state is restored afterwards. Then
+        `settle_steps` no-op steps with the gripper open. Returns the raw observation dict, images
+        upright.
         """
         if (init_state is None) == (seed is None):
             raise ValueError("reset takes exactly one of init_state or seed")
@@ -217,30 +219,40 @@ class LiberoEnv:
             raise ValueError(f"init_state must be in 0..{self.num_init_states - 1}, got {init_state}")
         if seed is not None and not 0 <= seed < 2**32:
             raise ValueError(f"seed must be in 0..2**32 - 1 (numpy's legacy seeding), got {seed}")
-        rng_state = np.random.get_state()
-        try:
-            np.random.seed(seed if seed is not None else init_state)
-            for _ in range(MAX_PLACEMENT_TRIES):
-                self._home_fixtures()
-                self._env.reset()
-                if init_state is not None or not self._placement_overlaps():
-                    break
-            else:
-                raise RuntimeError(f"no valid placement for task {self.task_index}, seed {seed}")
+        with self._cameras_off():  # nobody sees the frames until the scene has settled (~80 ms each)
+            rng_state = np.random.get_state()
+            try:
+                np.random.seed(seed if seed is not None else init_state)
+                for _ in range(MAX_PLACEMENT_TRIES):
+                    self._home_fixtures()
+                    self._env.reset()
+                    if init_state is not None or not self._placement_overlaps():
+                        break
+                else:
+                    raise RuntimeError(f"no valid placement for task {self.task_index}, seed {seed}")
+            finally:
+                np.random.set_state(rng_state)
             # The gripper's command is stateful (it ramps towards +-1) and a soft reset keeps the
             # previous episode's; start from a fresh env's zero so episodes don't depend on history.
             gripper = self._env.env.robots[0].gripper
             gripper.current_action = np.zeros_like(gripper.current_action)
-            if seed is not None:
-                obs = self._env.env._get_observations(force_update=True)
-            else:
-                obs = self._env.set_init_state(self.init_states[init_state])
+            if init_state is not None:
+                self._env.set_init_state(self.init_states[init_state])
+            for _ in range(self.config.settle_steps):
+                self._env.step(NOOP_ACTION)
+        return self._upright(self._env.env._get_observations(force_update=True))
+
+    @contextlib.contextmanager
+    def _cameras_off(self) -> Iterator[None]:
+        """Stop rendering camera observations inside the block (physics is unaffected)."""
+        cameras = [o for o in self._env.env._observables.values() if o.modality == "image"]
+        for camera in cameras:
+            camera.set_enabled(False)
+        try:
+            yield
         finally:
-            np.random.set_state(rng_state)
-        obs = self._upright(obs)
-        for _ in range(self.config.settle_steps):
-            obs, _ = self.step(NOOP_ACTION)
-        return obs
+            for camera in cameras:
+                camera.set_enabled(True)
 
     def _home_fixtures(self) -> None:
         """Put the fixtures back where the XML has them (the origin), as a hard reset would.
@@ -298,7 +310,7 @@ class LiberoEnv:
         state) the states were recorded from first. The simulator state is restored afterwards.
         Frames match those rendered while stepping up to one physics substep (2 ms) of motion,
         since stepping renders before its last substep's kinematics. ~65 ms a frame (both
-        cameras, 128 px, fast_render, this 2-core CPU machine); ~185 ms without fast_render.
+        cameras, 128 px, fast_render, this 2-core CPU machine); ~200 ms without fast_render.
         """
         if not self.render:
             raise RuntimeError("render_states needs an env built with render=True")

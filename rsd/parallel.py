@@ -1,0 +1,27 @@
+"""Simulator work spread over worker processes."""
+from __future__ import annotations
+
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+def run_unordered(fn: Callable[[J], R], jobs: Iterable[J], workers: int,
+                  initializer: Callable[..., None] | None = None, initargs: tuple[Any, ...] = ()) -> Iterator[R]:
+    """Yield `fn(job)` for every job as results arrive, from `workers` fresh (spawned) processes.
+
+    Jobs are handed out in order, so jobs of the same task sent together let a worker reuse its env.
+    A worker that dies (a simulator crash, a kill) fails the whole run with BrokenProcessPool instead
+    of hanging it, and leaving early cancels the jobs not yet started.
+    """
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer, initargs=initargs) as pool:
+        futures = [pool.submit(fn, job) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
