@@ -130,7 +130,7 @@ def _expert_demos(config: DemosConfig, sim: SimConfig, seed: int, out_dir: Path)
             if success:
                 kept[task].append((attempt, demo))
                 lengths[task].append(length)
-            ok = sum(len(v) for v in kept.values())
+            ok = sum(len(v) for v in lengths.values())
             bar.update(1, task=task, ok=f"{ok}/{sum(finished.values())}")
             if finished[task] == config.attempts_per_task:
                 name, instruction, bddl = info[task]

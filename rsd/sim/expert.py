@@ -152,6 +152,7 @@ class ScriptedExpert:
         self._plan(obs)
 
     def _plan(self, obs: dict) -> None:
+        """Choose where to pinch and how high to lift for the scene as it is now, and start hovering."""
         sim = self.env.sim
         others = [n for n in self.env.object_names + self.env.fixture_names if n != self.bowl]
         self.obstacles = _collision_boxes(sim, [self.env.body_id(n) for n in others])
@@ -166,6 +167,7 @@ class ScriptedExpert:
         self._enter(Phase.HOVER, obs)
 
     def _enter(self, phase: Phase, obs: dict) -> None:
+        """Switch to `phase`, remembering where the gripper was when it began."""
         self.phase = phase
         self.phase_steps = 0
         self.phase_start = obs["robot0_eef_pos"].copy()
