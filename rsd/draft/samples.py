@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from rsd.data import split_episodes
 from rsd.io import load_torch, save_torch
 
 FORMAT = "rsd.draft_samples"
@@ -141,12 +142,8 @@ class DraftSamples:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         pairs = torch.stack([self.task.long(), self.episode.long()], dim=1)  # [N, 2]
         episodes, episode_of = torch.unique(pairs, dim=0, return_inverse=True)  # [E, 2], [N]
-        num_episodes = len(episodes)
-        if num_episodes < 2:
-            raise ValueError(f"need at least 2 episodes to hold some out, got {num_episodes}")
-        num_val = min(max(1, round(val_fraction * num_episodes)), num_episodes - 1)
-        order = torch.randperm(num_episodes, generator=torch.Generator().manual_seed(seed))
-        is_val = torch.isin(episode_of, order[:num_val])  # [N]
+        _, val_episodes = split_episodes(len(episodes), val_fraction, seed)
+        is_val = torch.isin(episode_of, torch.from_numpy(val_episodes))  # [N]
         return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
 
     def save(self, path: str | os.PathLike) -> None:
