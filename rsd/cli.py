@@ -61,5 +61,55 @@ def evaluate(variant: str = typer.Argument(..., help="no_draft or draft"), param
     pipeline.run_eval(variant, params)
 
 
+@app.command()
+def bench(params: Path = ParamsOption) -> None:
+    """Time no-draft, strict and relaxed decoding on the same recorded observations (metrics/bench.json)."""
+    pipeline.run_bench(params)
+
+
+@app.command()
+def report(params: Path = ParamsOption) -> None:
+    """Write reports/report.md and its plots from the metrics files."""
+    pipeline.run_report(params)
+
+
+@app.command()
+def doctor(
+    params: Path = ParamsOption,
+    root: Path = typer.Option(Path("."), "--root", help="project folder (dvc.yaml, models/)"),
+    skip: list[str] = typer.Option([], "--skip", help="a check not to run (repeatable), e.g. libero"),
+    min_free_gb: float = typer.Option(5.0, "--min-free-gb", help="least free disk space, GiB"),
+    strict: bool = typer.Option(False, "--strict", help="count optional checks (the remote) as required"),
+) -> None:
+    """Check the machine and the project before a run: one line per check; exits 1 if a required one failed."""
+    from rsd.doctor import DoctorConfig, run_doctor, summary
+
+    try:
+        config = DoctorConfig(root=root, params_file=params, skip=tuple(skip), min_free_gb=min_free_gb, strict=strict)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    line, ok = summary(run_doctor(config, echo=typer.echo))
+    typer.echo(line)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def profile(
+    name: str = typer.Argument(..., help="a profile in profiles/: smoke or full"),
+    params: Path = ParamsOption,
+    profiles_dir: Path = typer.Option(Path("profiles"), "--profiles-dir", help="folder of <name>.yaml profiles"),
+) -> None:
+    """Write a profile's values into params.yaml (`git checkout params.yaml` returns to the default)."""
+    from rsd.profiles import apply_profile
+
+    try:
+        changes = apply_profile(name, params, profiles_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="NAME") from exc
+    for key, old, new in changes:
+        typer.echo(f"{key}: {old} -> {new}")
+    typer.echo(f"{params}: profile {name} applied ({len(changes)} value(s) changed)")
+
+
 if __name__ == "__main__":
     app()

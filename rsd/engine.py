@@ -3,16 +3,26 @@
 Decoding one chunk of L residual layers:
 
 - no draft: prefill (gives layer 0 and the hidden state), then L-1 single-position passes.
-- draft: the draft proposes layers 0..2 from the hidden state. Main's own layer 0 (from the prefill)
-  checks the draft's layer 0 for free. One verify pass feeds [main's layer 0, draft layer 1, draft
-  layer 2] and returns main's view of layers 1, 2 and 3. The longest accepted prefix of draft layers
-  is kept, the KV cache is cut back to the positions fed with codes that were kept, and decoding
-  continues one layer per pass from there. The verify pass is never wasted: its first output (main's
-  layer 1 given main's layer 0) is exact whatever the draft proposed.
+- draft: the draft proposes layers 0..K-1 (K = 3) from the hidden state; main's own layer 0 comes
+  from the prefill and is checked against the draft's for free. One verify pass feeds [main's layer
+  0, draft layers 1..K-1] and returns main's view of layers 1..K. The longest prefix of draft layers
+  1..K-1 that main agrees with is kept, the KV cache is cut back to the positions fed with kept codes,
+  and decoding continues one layer per pass from there. The verify pass is never wasted: its first
+  output (main's layer 1 given main's layer 0) is exact whatever the draft proposed.
+
+  Main's layer 0 is always the one fed, so a draft layer l >= 1 is checked against exactly what main
+  would decode there, whether or not the draft also got layer 0 right: `accepted_layers` counts the
+  kept draft layers 1..K-1, which is the number of main passes saved (main passes = L - accepted).
 
 Acceptance: `strict` keeps a draft layer only if all its codes equal main's (actions identical to no
 draft, up to floating-point near-ties); `relaxed` keeps one whose codes are all within `tolerance`
-levels of main's (faster, lossy: the kept codes are the draft's).
+levels of main's (faster, lossy). Either way the codes decoded are main's own views from the verify
+pass; in relaxed mode those of later layers were conditioned on the draft's nearby codes.
+
+Speed: a call runs under `torch.inference_mode`, reads back to the host once per decision (one
+boolean per draft layer, one list of acceptance rates), caches each instruction's word ids, and runs
+the draft through `LeanDraft`: the same function as `RFSQDraftModelWithProjection.forward`, with the
+query-only products precomputed and the single-token cross-attention folded into one matrix.
 """
 from __future__ import annotations
 
@@ -23,7 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from rsd.draft.model import RFSQDraftModelWithProjection, load_draft
 from rsd.policy.model import MainPolicy, PolicyCache
@@ -60,6 +71,87 @@ class Prediction:
     stats: dict[str, float]  # draft_ms, main_ms, total_ms, main_passes, acceptance...
 
 
+class LeanDraft:
+    """`RFSQDraftModelWithProjection.propose` with less work per call, for inference.
+
+    The draft's decoder layer (post-norm, as torch's `TransformerDecoderLayer` defaults to) sees
+    `tgt = queries + context` and a memory of ONE token, the context. Two facts make it cheap:
+
+    - the self-attention input projection is linear, so `tgt @ W_in.T = queries @ W_in.T + context @
+      W_in.T`: the first term is fixed and precomputed, leaving a one-row product per call;
+    - attention over a single memory token gives every query that token's value (softmax over one key
+      is 1), so the cross-attention output is `out_proj(v_proj(context))`, the same row for every
+      query: one row through the product `W_out @ W_v`, precomputed.
+
+    The result equals the module's forward up to float rounding (checked on random inputs when built;
+    `from_draft` returns None, and the engine uses the module itself, when the check fails or the model
+    is not an `RFSQDraftModelWithProjection`). Weights are read once: rebuild it after loading others.
+    """
+
+    def __init__(self, draft: RFSQDraftModelWithProjection) -> None:
+        c = draft.config
+        layer = draft.decoder.decoder_layer
+        sa, ca = layer.self_attn, layer.multihead_attn
+        D = c.hidden_dim
+        with torch.no_grad():
+            queries = draft.decoder.query_embed.weight  # [Q, D]
+            self.query_qkv = queries @ sa.in_proj_weight.T  # [Q, 3D]
+            w_v, b_v = ca.in_proj_weight[2 * D:], ca.in_proj_bias[2 * D:]
+            cross_w = ca.out_proj.weight @ w_v  # [D, D]
+            cross_b = ca.out_proj.weight @ b_v + ca.out_proj.bias  # [D]
+            # one product of the context gives its share of q, k, v and the cross-attention row
+            self.context_w = torch.cat([sa.in_proj_weight, cross_w]).contiguous()  # [4D, D]
+            self.context_b = torch.cat([sa.in_proj_bias, cross_b]).contiguous()  # [4D]
+        self.queries = queries.detach()
+        self.proj, self.sa_out = draft.input_projection, sa.out_proj
+        self.norm1, self.norm2, self.norm3 = layer.norm1, layer.norm2, layer.norm3
+        self.linear1, self.linear2, self.head = layer.linear1, layer.linear2, draft.head
+        self.heads, self.hidden_dim = sa.num_heads, D
+        self.shape = (c.num_coarse_layers, c.codes_per_layer, c.levels)
+        self.dtype = draft.input_projection.weight.dtype
+
+    @classmethod
+    def from_draft(cls, draft: nn.Module) -> LeanDraft | None:
+        """A LeanDraft for `draft` if it is a standard draft model whose logits it reproduces (to 1e-3 of
+        their range in float32, 3e-2 in half precision), else None."""
+        if not isinstance(draft, RFSQDraftModelWithProjection):
+            return None
+        layer = draft.decoder.decoder_layer
+        if layer.norm_first or layer.activation is not F.gelu or not layer.self_attn._qkv_same_embed_dim:
+            return None
+        lean = cls(draft)
+        weight = draft.input_projection.weight
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(4, draft.config.input_dim, generator=generator).to(weight.device, weight.dtype)
+        with torch.inference_mode():
+            expected, got = draft.eval()(probe).float(), lean.logits(probe).float()
+        atol = 1e-3 if weight.dtype == torch.float32 else 3e-2
+        scale = float(expected.abs().max()) + 1e-6
+        if not torch.allclose(got, expected, atol=atol * scale, rtol=0):
+            log.warning("lean draft path disagrees with the draft model (max diff %.3g); using the model",
+                        float((got - expected).abs().max()))
+            return None
+        return lean
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [B, input_dim] -> logits [B, K, 128, levels], as the draft model's forward (eval mode)."""
+        D = self.hidden_dim
+        context = self.proj(hidden.to(self.dtype))  # [B, D]
+        shared = F.linear(context, self.context_w, self.context_b)  # [B, 4D]: q, k, v shares + cross row
+        qkv = self.query_qkv + shared[:, None, : 3 * D]  # [B, Q, 3D]
+        B, Q = qkv.shape[:2]
+        q, k, v = qkv.view(B, Q, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [B, heads, Q, d] each
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Q, D)
+        x = self.norm1(self.queries + context[:, None] + self.sa_out(attn))
+        x = self.norm2(x + shared[:, None, 3 * D:])
+        x = self.norm3(x + self.linear2(F.gelu(self.linear1(x))))
+        return self.head(x).view(B, *self.shape)
+
+    def propose(self, hidden: Tensor) -> Tensor:
+        """Greedy draft: hidden [B, input_dim] -> codes long [B, K, 128]."""
+        return self.logits(hidden).argmax(dim=-1)
+
+
 class RSDEngine:
     """`predict(inputs) -> Prediction` for one observation (LiberoEnv.model_inputs)."""
 
@@ -75,13 +167,21 @@ class RSDEngine:
                 raise ValueError(f"the draft reads hidden states of size {draft.config.input_dim}, the policy's are {hidden}")
             if draft.config.num_coarse_layers >= policy.config.num_layers:
                 raise ValueError(f"the draft proposes {draft.config.num_coarse_layers} layers; the policy has only {policy.config.num_layers}")
+            if draft.config.num_coarse_layers < 2:
+                raise ValueError("the draft must propose at least 2 layers (layer 0 is main's own, from the prefill)")
+            if isinstance(draft, nn.Module):
+                draft.eval()
         self.policy, self.tokenizer, self.draft = policy.eval(), tokenizer.eval(), draft
         self.device = next(policy.parameters()).device
+        self._propose = None
+        if draft is not None and self.config.mode != "none":
+            lean = LeanDraft.from_draft(draft)
+            self._propose = lean.propose if lean is not None else draft.propose
         self._instructions: dict[str, dict[str, Tensor]] = {}
 
     # ---- one policy call ----------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, inputs: dict[str, Any]) -> Prediction:
         start = self._now()
         obs = self._batch(inputs)
@@ -96,54 +196,68 @@ class RSDEngine:
         tokens = torch.stack(codes, dim=-1).unflatten(1, (8, 16))  # [1, 8, 16, L]
         chunk = self.tokenizer.decode(tokens.cpu())[0].numpy()  # [8, 7]
         stats["total_ms"] = (self._now() - start) * 1e3
-        log.debug("Draft time: %.2f ms, Main time: %.2f ms, total %.2f ms, passes %d, Actions shape: %s",
-                  stats.get("draft_ms", 0.0), stats["main_ms"], stats["total_ms"], stats["main_passes"], chunk.shape)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Draft time: %.2f ms, Draft tokens shape: %s, Main time: %.2f ms, total %.2f ms, passes %d, "
+                      "acceptance %s, Actions shape: %s", stats.get("draft_ms", 0.0), stats.pop("_draft_shape", "-"),
+                      stats["main_ms"], stats["total_ms"], stats["main_passes"], stats.get("token_acceptance", "-"),
+                      chunk.shape)
+        stats.pop("_draft_shape", None)
         return Prediction(chunk, tokens[0], hidden[0], stats)
 
-    def _decode_plain(self, codes: list[Tensor], cache: PolicyCache) -> dict[str, float]:
+    def _decode_plain(self, codes: list[Tensor], cache: PolicyCache) -> dict[str, Any]:
         """Layers 1..L-1, one pass each (what MainPolicy.generate does, keeping the hidden state)."""
         for layer in range(1, self.policy.config.num_layers):
             codes.append(self.policy.step(codes[-1], layer, cache).argmax(-1))
         return {"main_passes": self.policy.config.num_layers}
 
-    def _decode_speculative(self, hidden: Tensor, codes: list[Tensor], cache: PolicyCache) -> dict[str, float]:
+    def _decode_speculative(self, hidden: Tensor, codes: list[Tensor], cache: PolicyCache) -> dict[str, Any]:
         policy, num_layers = self.policy, self.policy.config.num_layers
         t1 = self._now()
-        proposal = self.draft.propose(hidden)  # [1, K, 128], K coarse layers
+        proposal = self._propose(hidden)  # [1, K, 128], K coarse layers
         t2 = self._now()
         K = proposal.shape[1]
         # verify: feed main's layer 0 and draft layers 1..K-1 -> main's view of layers 1..K
         fed = torch.cat([codes[0][:, None], proposal[:, 1:]], dim=1)  # [1, K, 128]
-        views = policy.step_many(fed, 0, cache).argmax(-1)  # [1, K, 128]: main's layers 1..K
-        passes = 2
-        accepted = int(self._accept(proposal[:, 0], codes[0]))  # draft layers kept, a prefix of 0..K-1
-        for layer in range(1, K):
-            if accepted == layer and self._accept(proposal[:, layer], views[:, layer - 1]):
-                accepted += 1
-                codes.append(proposal[:, layer])
-            else:
-                break
-        # main's view of layer len(codes) was conditioned only on kept codes: it is exact
-        codes.append(views[:, len(codes) - 1])
-        cache.crop(cache.prompt_length + len(codes) - 1)  # positions fed with kept codes
+        views = policy.step_many(fed, 0, cache).argmax(-1)  # [1, K, 128]: views[:, i] = main's layer i+1
+        agree = self._agree(proposal[:, 1:], views[:, : K - 1]).tolist()  # K-1 bools, one host read
+        accepted = next((i for i, ok in enumerate(agree) if not ok), K - 1)  # kept draft layers 1..accepted
+        # main's own codes for layers 1..accepted+1 (strict: equal to the draft's where accepted; relaxed:
+        # conditioned on the draft's nearby codes, which is where the loss comes from)
+        codes.extend(views[:, : accepted + 1].unbind(1))
+        cache.crop(cache.prompt_length + accepted + 1)  # positions fed with kept codes
         while len(codes) < num_layers:
             codes.append(policy.step(codes[-1], len(codes), cache).argmax(-1))
-            passes += 1
-        main_view = torch.cat([codes[0][:, None], views[:, : K - 1]], dim=1)  # [1, K, 128]: main's codes where the draft proposed
-        stats = {
+        # main's own code for each proposed layer, in the context decoding took: layer 0 from the prefill,
+        # layers up to accepted+1 from the verify pass, later ones from the passes after it
+        reference = [codes[0], *views[:, : accepted + 1].unbind(1), *codes[accepted + 2: K]][:K]
+        per_layer = (proposal == torch.stack(reference, dim=1)).float().mean(dim=-1)[0].tolist()  # K
+        stats: dict[str, Any] = {
             "draft_ms": (t2 - t1) * 1e3,
-            "main_passes": passes,
+            "main_passes": num_layers - accepted,
             "accepted_layers": accepted,
-            "token_acceptance": (proposal == main_view).float().mean().item(),
+            "token_acceptance": sum(per_layer) / K,
+            "_draft_shape": tuple(proposal.shape),
         }
-        for layer in range(K):
-            stats[f"token_acceptance_L{layer}"] = (proposal[:, layer] == main_view[:, layer]).float().mean().item()
+        for layer, value in enumerate(per_layer):
+            stats[f"token_acceptance_L{layer}"] = value
         return stats
 
-    def _accept(self, draft_codes: Tensor, main_codes: Tensor) -> bool:
+    def _agree(self, draft_codes: Tensor, main_codes: Tensor) -> Tensor:
+        """[B, n, 128] codes each -> [n] bools: does main accept each draft layer (batch of one)?"""
         if self.config.mode == "strict":
-            return bool(torch.equal(draft_codes, main_codes))
-        return bool(((draft_codes - main_codes).abs() <= self.config.tolerance).all())
+            return (draft_codes == main_codes).all(dim=-1)[0]
+        return ((draft_codes - main_codes).abs() <= self.config.tolerance).all(dim=-1)[0]
+
+    @torch.inference_mode()
+    def plain_logits(self, inputs: dict[str, Any]) -> Tensor:
+        """No-draft decoding's logits, layer by layer -> [L, 128, levels] (layer l's logits given the
+        codes decoded for layers < l). Their argmax are the no-draft tokens; their top-2 margins tell
+        whether a code was a floating-point near-tie (see `rsd.bench.explain_difference`)."""
+        _, logits0, cache = self.policy.prefill(self._batch(inputs))
+        logits = [logits0]
+        for layer in range(1, self.policy.config.num_layers):
+            logits.append(self.policy.step(logits[-1].argmax(-1), layer, cache))
+        return torch.cat(logits).float()
 
     # ---- helpers --------------------------------------------------------------------------------------
 

@@ -111,8 +111,10 @@ def rollout(
             on_call(steps, prediction)
             if chunk is None or steps - start >= execute_steps:
                 chunk, start = prediction.chunk, steps
-        obs, success = env.step(chunk[steps - start])
+        action = chunk[steps - start]
         steps += 1
+        call_due = query_every_step or steps - start >= execute_steps
+        obs, success = env.step(action, render=call_due)  # images only where a call will read them
     return success, steps
 
 

@@ -6,6 +6,7 @@ can never drift apart. Output paths are fixed here and mirrored in dvc.yaml.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from rsd.io import write_json
@@ -161,3 +162,41 @@ def run_eval(variant: str, params_file: str | Path = "params.yaml") -> dict:
     log.info("eval@%s: success %.3f (%d/%d), %.1f ms per call", variant, metrics["success_rate"], metrics["successes"],
              metrics["trials"], metrics["avg_inference_ms"])
     return metrics
+
+
+def run_bench(params_file: str | Path = "params.yaml") -> dict:
+    """Record real observations with the main policy, then time no-draft, strict and relaxed decoding on them."""
+    from rsd.bench import MODES, BenchConfig, benchmark, record_observations
+    from rsd.engine import EngineConfig, load_engine
+    from rsd.sim.env import SimConfig
+
+    params = load_params(params_file)
+    base = section(params, "base", BaseConfig)
+    config = section(params, "bench", BenchConfig)
+    evaluation = params.get("eval") or {}
+    primary, tolerance = evaluation.get("acceptance", "strict"), evaluation.get("tolerance", 1)
+    if primary not in ("strict", "relaxed"):
+        raise ValueError(f"params: eval.acceptance must be strict or relaxed, got {primary!r}")
+    device = base.torch_device()
+    start = time.monotonic()
+    observations, recorded = record_observations(_engine_factory("none", False, params), config,
+                                                 section(params, "sim", SimConfig), base.seed)
+    engines = {mode: load_engine(str(POLICY_CKPT), str(TOKENIZER_CKPT), None if mode == "none" else str(DRAFT_CKPT),
+                                 EngineConfig(mode=mode, tolerance=tolerance), device) for mode in MODES}
+    metrics = benchmark(engines, [o.inputs for o in observations], config, primary)
+    metrics = {**metrics, **recorded, "wall_seconds": round(time.monotonic() - start, 1)}
+    write_json(METRICS / "bench.json", metrics)
+    return metrics
+
+
+REPORTS_DIR = Path("reports")
+
+
+def run_report(params_file: str | Path = "params.yaml") -> Path:
+    """reports/report.md and its plots, from the metrics files and the training curves."""
+    from rsd.report import ReportConfig, build_report
+
+    params = load_params(params_file)
+    path = build_report(METRICS, LIVE_DIR, REPORTS_DIR, section(params, "report", ReportConfig))
+    log.info("report written: %s", path)
+    return path

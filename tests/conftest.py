@@ -3,3 +3,34 @@ import os
 # Headless rendering on the CPU, before anything imports robosuite.
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+
+# ---- a real S3 endpoint on loopback, for the DVC remote tests ------------------------------------------
+
+import socket  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+S3_BUCKET = "rsd-test-bucket"
+"""The bucket `s3_endpoint` creates (empty) on its server."""
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server (`moto[server]`, the `test` extra) on 127.0.0.1 at a free port, with bucket
+    S3_BUCKET made; its URL. Started on first use, stopped at the end of the session."""
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] (the `test` extra) is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=S3_BUCKET)
+        yield endpoint
+    finally:
+        server.stop()

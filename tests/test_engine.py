@@ -49,23 +49,43 @@ def plain_codes(policy: MainPolicy, tokenizer: RFSQTokenizer, inputs: dict) -> t
     return RSDEngine(policy, tokenizer).predict(inputs).tokens.flatten(0, 1).T[None]  # [1, L, 128]
 
 
-@pytest.mark.parametrize("correct_layers,expected_passes", [(3, 2), (2, 3), (1, 4), (0, 4)])
-def test_strict_speculation_equals_plain_decoding(parts, correct_layers, expected_passes):
-    """A draft right on its first `correct_layers` layers: same actions as no draft, fewer main passes."""
+@pytest.mark.parametrize("wrong_layers,expected_accepted", [((), 2), ((2,), 1), ((1,), 0), ((0,), 2), ((0, 1, 2), 0)])
+def test_strict_speculation_equals_plain_decoding(parts, wrong_layers, expected_accepted):
+    """A draft wrong on `wrong_layers`: same actions as no draft; main passes saved = draft layers 1.. kept.
+    Layer 0 always comes from main's prefill, so a wrong draft layer 0 costs nothing."""
     policy, tokenizer = parts
-    inputs = observation(correct_layers)
+    inputs = observation(len(wrong_layers) * 10 + sum(wrong_layers))
     truth = plain_codes(policy, tokenizer, inputs)  # [1, 4, 128]
     proposal = truth[:, :3].clone()
-    if correct_layers < 3:
-        proposal[:, correct_layers] = (proposal[:, correct_layers] + 1) % 7  # wrong from here on
+    for layer in wrong_layers:
+        proposal[:, layer] = (proposal[:, layer] + 1) % 7
     engine = RSDEngine(policy, tokenizer, ScriptedDraft(256, proposal), EngineConfig(mode="strict"))
     spec, plain = engine.predict(inputs), RSDEngine(policy, tokenizer).predict(inputs)
     chunk, stats, plain_stats = spec.chunk, spec.stats, plain.stats
     assert torch.equal(spec.tokens, plain.tokens) and np.array_equal(chunk, plain.chunk)
     assert torch.equal(spec.hidden_state, plain.hidden_state) and spec.hidden_state.shape == (256,)
-    assert stats["accepted_layers"] == correct_layers
-    assert stats["main_passes"] == expected_passes and plain_stats["main_passes"] == 4
+    assert stats["accepted_layers"] == expected_accepted
+    assert stats["main_passes"] == 4 - expected_accepted and plain_stats["main_passes"] == 4
+    for layer in range(3):  # token acceptance is measured against main's own codes
+        assert stats[f"token_acceptance_L{layer}"] == (0.0 if layer in wrong_layers else 1.0)
     assert chunk.shape == (8, 7)
+
+
+def test_lean_draft_matches_the_draft_model():
+    """The engine's draft path computes the draft model's logits (to float rounding) with less work."""
+    from rsd.draft.model import RFSQDraftModelWithProjection
+    from rsd.engine import LeanDraft
+
+    torch.manual_seed(1)
+    draft = RFSQDraftModelWithProjection(96, hidden_dim=64, num_heads=4, ff_dim=128).eval()
+    lean = LeanDraft.from_draft(draft)
+    assert lean is not None
+    hidden = torch.randn(5, 96)
+    with torch.no_grad():
+        expected = draft(hidden)
+    assert torch.allclose(lean.logits(hidden), expected, atol=1e-5)
+    assert torch.equal(lean.propose(hidden), draft.propose(hidden))
+    assert LeanDraft.from_draft(ScriptedDraft(96, torch.zeros(1, 3, 128, dtype=torch.long))) is None
 
 
 def test_relaxed_accepts_codes_within_tolerance(parts):
@@ -73,11 +93,15 @@ def test_relaxed_accepts_codes_within_tolerance(parts):
     inputs = observation(10)
     truth = plain_codes(policy, tokenizer, inputs)
     proposal = truth[:, :3].clone()
-    first = proposal[:, 0, :5]
-    proposal[:, 0, :5] = torch.where(first < 6, first + 1, first - 1)  # five codes one level off
+    layer1 = proposal[:, 1, :5]
+    proposal[:, 1, :5] = torch.where(layer1 < 6, layer1 + 1, layer1 - 1)  # five codes one level off
+    proposal[:, 2, 7] = (proposal[:, 2, 7] + 3) % 7  # three or four levels off: beyond the tolerance
     relaxed = RSDEngine(policy, tokenizer, ScriptedDraft(256, proposal), EngineConfig(mode="relaxed", tolerance=1))
     strict = RSDEngine(policy, tokenizer, ScriptedDraft(256, proposal), EngineConfig(mode="strict"))
-    assert relaxed.predict(inputs).stats["accepted_layers"] == 3
+    kept = relaxed.predict(inputs)
+    assert kept.stats["accepted_layers"] == 1 and kept.stats["main_passes"] == 3
+    # the codes decoded are main's own: layer 1 exactly no-draft's, later layers conditioned on the draft's
+    assert torch.equal(kept.tokens[..., :2].flatten(0, 1).T, truth[0, :2])
     assert strict.predict(inputs).stats["accepted_layers"] == 0
 
 

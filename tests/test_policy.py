@@ -153,6 +153,17 @@ def test_training_lowers_loss() -> None:
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_layer_weights_weigh_each_layers_cross_entropy(model: MainPolicy, obs: dict[str, torch.Tensor]) -> None:
+    target = torch.randint(0, 7, (3, 8, 16, L), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model.forward_teacher(obs, target)  # [B, L, 128, 7]
+        per_layer = [torch.nn.functional.cross_entropy(logits[:, i].flatten(0, 1), layer_codes(target)[:, i].flatten())
+                     for i in range(L)]
+        assert model.loss(obs, target).item() == pytest.approx(torch.stack(per_layer).mean().item(), rel=1e-5)
+        only_first = torch.tensor([2.0] + [0.0] * (L - 1))
+        assert model.loss(obs, target, only_first).item() == pytest.approx(per_layer[0].item(), rel=1e-5)
+
+
 def test_checkpoint_round_trip(model: MainPolicy, obs: dict[str, torch.Tensor], tmp_path) -> None:
     path = tmp_path / "main.pt"
     model.save(path)
@@ -212,3 +223,11 @@ def test_config_dict_round_trip_and_tokenizer_check() -> None:
     config.check_tokenizer(num_layers=L, levels=7)
     with pytest.raises(ValueError, match="num_layers=5"):
         config.check_tokenizer(num_layers=4, levels=7)
+
+
+@pytest.mark.parametrize("weights", [[], [1.0, -0.5], [0.0, 0.0], "1,1"])
+def test_bad_layer_weights_name_the_param(weights) -> None:
+    from rsd.policy.train import PolicyTrainConfig
+
+    with pytest.raises(ValueError, match="policy.layer_weights"):
+        PolicyTrainConfig(layer_weights=weights)

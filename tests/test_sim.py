@@ -122,12 +122,25 @@ def test_render_states_matches_stepping_and_physics_matches_without_rendering(re
     replay_agentview, replay_wrist = render_env.render_states(np.stack(states))
     np.testing.assert_array_equal(render_env.get_state(), before)
     assert replay_agentview.shape == replay_wrist.shape == (6, SIZE, SIZE, 3)
-    # Stepping renders from the kinematics one physics substep (2 ms) before the state it records;
-    # the replay renders the state itself, so frames match up to that sliver of motion.
+    # A step's kinematics lag its recorded state by one physics substep (2 ms); the replay renders
+    # the state itself, so frames match up to that sliver of motion.
     for replay, stepped in ((replay_agentview, agentview), (replay_wrist, wrist)):
         diff = np.abs(replay.astype(int) - np.stack(stepped).astype(int))
         assert diff[0].mean() < 0.1  # nearly at rest after reset: (almost) identical
         assert diff.mean() < 3 and (diff > 10).mean() < 0.06
+
+
+def test_step_without_render_skips_the_cameras_only(render_env, physics_env):
+    render_env.reset(seed=2)
+    physics_env.reset(seed=2)
+    action = np.array([0.5, 0, -0.3, 0, 0, 0, -1.0])
+    obs, _ = render_env.step(action, render=False)
+    physics_env.step(action)
+    assert "agentview_image" not in obs and "robot0_eye_in_hand_image" not in obs
+    assert obs["robot0_eef_pos"].shape == (3,)
+    np.testing.assert_array_equal(physics_env.get_state(), render_env.get_state())
+    obs, _ = render_env.step(action)
+    assert obs["agentview_image"].shape == (SIZE, SIZE, 3)
 
 
 def test_render_states_needs_a_rendering_env(physics_env):

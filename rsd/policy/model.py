@@ -208,11 +208,15 @@ class MainPolicy(nn.Module):
         out = self._backbone(embeds, mask, positions, None)  # [B, P + L-1, H]
         return self._logits(out[:, -self.config.num_layers:], 0)  # act position, then the L-1 layer positions
 
-    def loss(self, obs: Observation, tokens: Tensor) -> Tensor:
-        """Behaviour-cloning cross entropy over every code of every layer."""
+    def loss(self, obs: Observation, tokens: Tensor, layer_weights: Tensor | None = None) -> Tensor:
+        """Behaviour-cloning cross entropy over every code of every layer; `layer_weights` [L] weighs each
+        layer's mean (they are normalised to sum to 1; None = equal weights)."""
         logits = self.forward_teacher(obs, tokens)  # [B, L, 128, levels]
         target = tokens.flatten(1, 2).transpose(1, 2)  # [B, L, 128]
-        return F.cross_entropy(logits.flatten(0, 2).float(), target.flatten())
+        per_layer = F.cross_entropy(logits.transpose(1, 3).float(), target.transpose(1, 2), reduction="none").mean(dim=(0, 1))  # [L]
+        if layer_weights is None:
+            return per_layer.mean()
+        return (per_layer * layer_weights).sum() / layer_weights.sum()
 
     # ---- checkpoints ----------------------------------------------------------------------------------
 

@@ -39,6 +39,10 @@ class PolicyTrainConfig:
     """Share of each task's episodes held out for validation."""
     shift_pixels: int = 4
     """Random-shift augmentation: images are padded by this many pixels and cropped back at random (0 = off)."""
+    layer_weights: list[float] | None = None
+    """Weight of each residual layer's cross entropy, coarse first (one per tokenizer layer); None = equal.
+    The fine layers' codes are close to noise (their tokens barely move the action), so weighing them
+    down keeps the backbone on the coarse layers that decide the action."""
     num_threads: int = 2
     """torch CPU threads."""
     seed: int = 0
@@ -59,6 +63,11 @@ class PolicyTrainConfig:
             raise ValueError(f"policy.val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if not isinstance(self.shift_pixels, int) or self.shift_pixels < 0:
             raise ValueError(f"policy.shift_pixels must be a non-negative int, got {self.shift_pixels!r}")
+        if self.layer_weights is not None and (
+            not isinstance(self.layer_weights, list) or not self.layer_weights
+            or not all(isinstance(w, (int, float)) and w >= 0 for w in self.layer_weights) or not sum(self.layer_weights) > 0
+        ):
+            raise ValueError(f"policy.layer_weights must be a list of non-negative numbers with a positive sum, got {self.layer_weights!r}")
 
 
 @dataclass
@@ -159,6 +168,12 @@ def train_policy(
         {**model_config, "vocab": build_vocab([t.instruction for t in tasks]), "num_layers": tokenizer.config.num_layers, "levels": tokenizer.config.levels}
     )
     policy = MainPolicy(policy_config)
+    layer_weights = None
+    if config.layer_weights is not None:
+        if len(config.layer_weights) != policy_config.num_layers:
+            raise ValueError(f"policy.layer_weights has {len(config.layer_weights)} entries; the tokenizer has "
+                             f"{policy_config.num_layers} residual layers")
+        layer_weights = torch.tensor(config.layer_weights, dtype=torch.float32)
     train_eps, val_eps = split_by_task(tasks, config.val_fraction, config.seed)
     train = build_samples(tasks, tokenizer, policy_config.image_size, train_eps)
     val = build_samples(tasks, tokenizer, policy_config.image_size, val_eps)
@@ -187,7 +202,7 @@ def train_policy(
             train_loss = 0.0
             for index in order.split(config.batch_size):
                 obs, tokens = train.batch(index, policy, config.shift_pixels)
-                loss = policy.loss(obs, tokens)
+                loss = policy.loss(obs, tokens, layer_weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

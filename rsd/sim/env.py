@@ -284,9 +284,17 @@ class LiberoEnv:
                 return True
         return False
 
-    def step(self, action: np.ndarray) -> tuple[dict[str, Any], bool]:
-        """Apply one 7-d OSC_POSE action in [-1, 1]; returns (raw obs, task success)."""
-        obs, _, done, _ = self._env.step(np.asarray(action, dtype=np.float64))
+    def step(self, action: np.ndarray, render: bool = True) -> tuple[dict[str, Any], bool]:
+        """Apply one 7-d OSC_POSE action in [-1, 1]; returns (raw obs, task success).
+
+        Cameras stay off during the physics substeps and, with `render` (and a rendering env), are
+        read once at the end. `render=False` skips them (most of a step's cost): the obs then has no
+        images, which suits steps whose observation no policy reads.
+        """
+        with self._cameras_off():
+            obs, _, done, _ = self._env.step(np.asarray(action, dtype=np.float64))
+        if render and self.render:
+            obs = self._env.env._get_observations(force_update=True)
         return self._upright(obs), bool(done)
 
     def get_state(self) -> np.ndarray:
@@ -308,8 +316,8 @@ class LiberoEnv:
 
         The fixtures are part of the model, not the state: reset this env with the seed (or init
         state) the states were recorded from first. The simulator state is restored afterwards.
-        Frames match those rendered while stepping up to one physics substep (2 ms) of motion,
-        since stepping renders before its last substep's kinematics. ~65 ms a frame (both
+        Frames match those `step` returns up to one physics substep (2 ms) of motion, since a
+        step's kinematics lag the state it ends in by that substep. ~65 ms a frame (both
         cameras, 128 px, fast_render, this 2-core CPU machine); ~200 ms without fast_render.
         """
         if not self.render:

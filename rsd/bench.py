@@ -1,0 +1,365 @@
+"""The speed benchmark: the same real observations through no-draft, strict and relaxed decoding.
+
+1. **Record.** The main policy (no draft) runs closed loop in LIBERO from fresh placements (their own
+   seed stream: never the demos', the draft samples' or the benchmark's evaluation init states); the
+   observation of every policy call is kept, then thinned evenly to `observations` across the tasks.
+2. **Time.** In one process, after `warmup` untimed calls of each engine, every observation goes
+   through the three engines `repetitions` times. The engines take turns, and the order rotates from
+   one observation (and repetition) to the next, so a slow spell of the machine hits them alike.
+3. **Report.** Latency is the wall time of a whole `predict` call (inputs to action chunk, on CUDA
+   synchronised at both ends). `no_draft_ms` and `draft_ms` are medians over all timed calls;
+   `speedup` is their ratio. Its spread, `speedup_p10`/`speedup_p90`, is the 10th/90th percentile of
+   the per-observation ratios (each the ratio of that observation's median latencies), so it shows how
+   the gain varies from one observation to another, acceptance included.
+
+Strict mode must decode the tokens of no-draft decoding. Every observation whose strict tokens differ
+counts in `action_mismatches`; those whose first differing layer has, at every differing code, a top-2
+logit margin below `near_tie_margin` in no-draft decoding are also counted in `near_ties` (a pass over
+several positions may round differently from one over a single position). Relaxed mode trades
+exactness for speed: its token mismatches and its mean action deviation from no-draft are reported.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rsd.engine import Prediction, RSDEngine
+from rsd.evaluation import Agent, init_worker, rollout, worker_agent, worker_env
+from rsd.parallel import run_unordered
+from rsd.progress import Progress
+from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig, placement_seed
+
+log = logging.getLogger("rsd.bench")
+
+BENCH_STREAM = 2
+"""Placement-seed stream of this stage (demos 0, collect 1)."""
+MODES = ("none", "strict", "relaxed")
+"""Engines timed side by side: no draft, then the two acceptance rules."""
+
+
+@dataclass
+class BenchConfig:
+    """params.yaml `bench`: which observations to record and how to time them."""
+
+    observations: int = 200
+    """Observations timed, spread evenly over the tasks (each a real policy call's inputs)."""
+    episodes_per_task: int = 2
+    """Closed-loop main-policy episodes per task, from fresh placements, to record observations from."""
+    tasks: list[int] | None = None
+    """libero_spatial task indices; None means all ten."""
+    execute_steps: int = 8
+    """Actions of each chunk executed before the next policy call while recording (as in evaluation)."""
+    repetitions: int = 5
+    """Timed calls of each engine per observation."""
+    warmup: int = 10
+    """Untimed calls of each engine before timing (allocator, caches, lazy initialisation)."""
+    threads: int = 1
+    """torch CPU threads while timing (1: what each evaluation worker uses)."""
+    workers: int = 2
+    """Simulator processes while recording."""
+    near_tie_margin: float = 1e-4
+    """A strict-mode token difference counts as a near-tie when no-draft's top-2 logit margin is below this."""
+
+    def __post_init__(self) -> None:
+        for name in ("observations", "episodes_per_task", "execute_steps", "repetitions", "threads", "workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"bench.{name} must be a positive int, got {value!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"bench.warmup must be a non-negative int, got {self.warmup!r}")
+        if self.execute_steps > 8:
+            raise ValueError(f"bench.execute_steps must be in 1..8 (the chunk length), got {self.execute_steps}")
+        if self.tasks is not None and (not self.tasks or any(not 0 <= t < NUM_TASKS for t in self.tasks)):
+            raise ValueError(f"bench.tasks must be a non-empty list of task indices in 0..{NUM_TASKS - 1}, got {self.tasks}")
+        if not (isinstance(self.near_tie_margin, (int, float)) and self.near_tie_margin > 0):
+            raise ValueError(f"bench.near_tie_margin must be a positive number, got {self.near_tie_margin!r}")
+
+    @property
+    def task_indices(self) -> list[int]:
+        return list(range(NUM_TASKS)) if self.tasks is None else list(self.tasks)
+
+
+@dataclass
+class Observation:
+    """One recorded policy input (`LiberoEnv.model_inputs`) and where it came from."""
+
+    inputs: dict[str, Any]
+    task: int
+    episode: int
+    step: int
+
+
+# ---- 1. record -------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """An agent that keeps a copy of every input it is asked about, then answers with the wrapped agent."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent, self.inputs = agent, []
+
+    def predict(self, inputs: dict[str, Any]) -> Prediction:
+        self.inputs.append({k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in inputs.items()})
+        return self.agent.predict(inputs)
+
+
+def _record_episode(job: tuple[int, int, int, int]) -> tuple[int, int, bool, list[tuple[int, dict[str, Any]]]]:
+    task, episode, seed, execute_steps = job
+    env = worker_env(task)
+    obs = env.reset(seed=seed)
+    recorder, steps = _Recorder(worker_agent()), []
+    success, _ = rollout(env, obs, recorder, execute_steps, lambda step, _: steps.append(step))
+    return task, episode, success, list(zip(steps, recorder.inputs))
+
+
+def record_observations(make_agent: Callable[[], Agent], config: BenchConfig, sim: SimConfig,
+                        base_seed: int) -> tuple[list[Observation], dict[str, Any]]:
+    """Run the agent closed loop from fresh placements; keep `config.observations` policy inputs, evenly
+    spread over tasks and over each task's calls. Returns them and a summary of the episodes."""
+    tasks = config.task_indices
+    jobs = [(t, e, placement_seed(base_seed, BENCH_STREAM, t, e), config.execute_steps)
+            for t in tasks for e in range(config.episodes_per_task)]
+    per_task: dict[int, list[Observation]] = defaultdict(list)
+    successes = 0
+    with Progress(len(jobs), "bench: record") as bar:
+        for task, episode, success, calls in run_unordered(_record_episode, jobs, config.workers, init_worker,
+                                                           (make_agent, sim)):
+            per_task[task] += [Observation(inputs, task, episode, step) for step, inputs in calls]
+            successes += success
+            bar.update(1, calls=sum(map(len, per_task.values())))
+    quota = _quotas(config.observations, tasks, {t: len(per_task[t]) for t in tasks})
+    kept: list[Observation] = []
+    for t in tasks:
+        calls = sorted(per_task[t], key=lambda o: (o.episode, o.step))
+        picks = np.linspace(0, len(calls) - 1, quota[t]).round().astype(int) if quota[t] else []
+        kept += [calls[i] for i in picks]
+    if len(kept) < config.observations:
+        log.warning("recorded only %d policy calls, fewer than bench.observations=%d", len(kept), config.observations)
+    summary = {"episodes": len(jobs), "record_success_rate": round(successes / len(jobs), 4),
+               "observations_per_task": {LiberoEnv.task_info(t)[0]: quota[t] for t in tasks}}
+    return kept, summary
+
+
+def _quotas(total: int, tasks: list[int], available: dict[int, int]) -> dict[int, int]:
+    """Split `total` over tasks as evenly as each task's available calls allow."""
+    quota = dict.fromkeys(tasks, 0)
+    left = total
+    while left > 0:
+        open_tasks = [t for t in tasks if quota[t] < available[t]]
+        if not open_tasks:
+            break
+        share = max(1, left // len(open_tasks))
+        for t in open_tasks:
+            take = min(share, available[t] - quota[t], left)
+            quota[t] += take
+            left -= take
+    return quota
+
+
+# ---- 2. time ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    """One engine's results over the observations."""
+
+    ms: list[list[float]] = field(default_factory=list)  # [observation][repetition] wall ms of predict
+    first: list[Prediction] = field(default_factory=list)  # [observation] the first call's prediction
+
+
+def _wall_ms(engine: RSDEngine, inputs: dict[str, Any]) -> tuple[float, Prediction]:
+    cuda = engine.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(engine.device)
+    start = time.perf_counter()
+    prediction = engine.predict(inputs)
+    if cuda:
+        torch.cuda.synchronize(engine.device)
+    return (time.perf_counter() - start) * 1e3, prediction
+
+
+def time_engines(engines: dict[str, RSDEngine], observations: list[dict[str, Any]], repetitions: int,
+                 warmup: int, progress: bool = True) -> dict[str, Timings]:
+    """Each observation through every engine `repetitions` times, the engines' order rotating per call round."""
+    names = list(engines)
+    for i in range(warmup):
+        for name in names:
+            engines[name].predict(observations[i % len(observations)])
+    results = {name: Timings(ms=[[] for _ in observations]) for name in names}
+    rounds = 0
+    with Progress(repetitions * len(observations), "bench: time", enabled=progress) as bar:
+        for rep in range(repetitions):
+            for i, inputs in enumerate(observations):
+                shift = rounds % len(names)
+                for name in names[shift:] + names[:shift]:
+                    ms, prediction = _wall_ms(engines[name], inputs)
+                    results[name].ms[i].append(ms)
+                    if rep == 0:
+                        results[name].first.append(prediction)
+                rounds += 1
+                bar.update(1)
+    return results
+
+
+# ---- 3. report -------------------------------------------------------------------------------------
+
+
+def _layer_codes(tokens: Tensor) -> Tensor:
+    """Tokens [8, 16, L] -> codes per layer [L, 128]."""
+    return tokens.flatten(0, 1).T
+
+
+def explain_difference(engine: RSDEngine, inputs: dict[str, Any], tokens: Tensor, margin: float) -> tuple[int, float] | None:
+    """Where `tokens` [8, 16, L] first differ from no-draft decoding of `inputs`: (layer, largest top-2
+    logit margin of no-draft decoding over that layer's differing codes), or None if they do not differ.
+    A margin below `margin` makes the difference a floating-point near-tie."""
+    logits = engine.plain_logits(inputs)  # [L, 128, levels]
+    plain, other = logits.argmax(-1), _layer_codes(tokens).to(logits.device)
+    differs = plain != other  # [L, 128]
+    if not differs.any():
+        return None
+    layer = int(differs.any(dim=1).nonzero()[0])
+    top2 = logits[layer].topk(2, dim=-1).values  # [128, 2]
+    gaps = (top2[:, 0] - top2[:, 1])[differs[layer]]
+    return layer, float(gaps.max())
+
+
+def _percentile(values: list[float] | np.ndarray, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def _r(value: float, digits: int = 4) -> float:
+    return round(float(value), digits)
+
+
+def _mode_summary(timed: Timings, plain: Timings) -> dict[str, Any]:
+    """Latency, speedup and acceptance of one draft mode against no-draft decoding."""
+    per_obs = np.array([np.median(p) / np.median(d) for p, d in zip(plain.ms, timed.ms)])
+    all_ms = np.concatenate([np.asarray(m) for m in timed.ms])
+    no_draft_ms = float(np.median(np.concatenate([np.asarray(m) for m in plain.ms])))
+    stats = [p.stats for p in timed.first]
+    layers = sorted(int(k.rsplit("L", 1)[1]) for k in stats[0] if k.startswith("token_acceptance_L"))
+    accepted = np.array([s["accepted_layers"] for s in stats])
+    return {
+        "draft_ms": _r(np.median(all_ms), 3),
+        "speedup": _r(no_draft_ms / np.median(all_ms)),
+        "speedup_p10": _r(_percentile(per_obs, 10)),
+        "speedup_p90": _r(_percentile(per_obs, 90)),
+        "speedup_mean_per_observation": _r(per_obs.mean()),
+        "p90_ms": _r(_percentile(all_ms, 90), 3),
+        "token_acceptance": _r(np.mean([s["token_acceptance"] for s in stats])),
+        "token_acceptance_per_layer": [_r(np.mean([s[f"token_acceptance_L{i}"] for s in stats])) for i in layers],
+        "accepted_layers_per_chunk": _r(accepted.mean()),
+        "accepted_layers_share": [_r((accepted == k).mean()) for k in range(len(layers))],
+        "main_passes_per_chunk": _r(np.mean([s["main_passes"] for s in stats])),
+        "draft_model_ms": _r(np.median([s["draft_ms"] for s in stats]), 3),
+        "main_ms": _r(np.median([s["main_ms"] for s in stats]), 3),
+    }
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name on CUDA, else the CPU's model name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]], config: BenchConfig,
+              primary: str = "strict", progress: bool = True) -> dict[str, Any]:
+    """Time `engines` ({"none", "strict", "relaxed"} -> engine) on the observations; the metrics.
+
+    The top-level `draft_ms`, `speedup`, `speedup_p10`, `speedup_p90`, `token_acceptance` are those of
+    the `primary` mode (what the draft variant of the evaluation runs); `strict` and `relaxed` hold both."""
+    missing = [m for m in MODES if m not in engines]
+    if missing:
+        raise ValueError(f"benchmark needs engines for modes {', '.join(MODES)}; missing {', '.join(missing)}")
+    if primary not in ("strict", "relaxed"):
+        raise ValueError(f"the primary mode must be strict or relaxed, got {primary!r}")
+    if not observations:
+        raise ValueError("benchmark needs at least one observation")
+    device = engines["none"].device
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(config.threads)
+    start = time.monotonic()
+    try:
+        timed = time_engines(engines, observations, config.repetitions, config.warmup, progress)
+    finally:
+        torch.set_num_threads(threads)
+    plain = timed["none"]
+    summaries = {mode: _mode_summary(timed[mode], plain) for mode in ("strict", "relaxed")}
+
+    mismatches, near_ties, tie_layers = 0, 0, []
+    for inputs, p, s in zip(observations, plain.first, timed["strict"].first):
+        if torch.equal(p.tokens, s.tokens):
+            continue
+        mismatches += 1
+        where = explain_difference(engines["none"], inputs, s.tokens, config.near_tie_margin)
+        if where is not None and where[1] < config.near_tie_margin:
+            near_ties += 1
+            tie_layers.append(where[0])
+        else:
+            log.warning("strict tokens differ from no-draft beyond a near-tie (layer, margin): %s", where)
+    summaries["strict"].update(action_mismatches=mismatches, near_ties=near_ties)
+    deviation = [np.abs(r.chunk - p.chunk) for p, r in zip(plain.first, timed["relaxed"].first)]
+    summaries["relaxed"].update(
+        tolerance=engines["relaxed"].config.tolerance,
+        token_mismatches=sum(not torch.equal(p.tokens, r.tokens) for p, r in zip(plain.first, timed["relaxed"].first)),
+        mean_action_deviation=_r(np.mean([d.mean() for d in deviation]), 6),
+        max_action_deviation=_r(np.max([d.max() for d in deviation]), 6),
+    )
+    plain_ms = np.concatenate([np.asarray(m) for m in plain.ms])
+    head = summaries[primary]
+    result = {
+        "no_draft_ms": _r(np.median(plain_ms), 3),
+        "draft_ms": head["draft_ms"],
+        "speedup": head["speedup"],
+        "speedup_p10": head["speedup_p10"],
+        "speedup_p90": head["speedup_p90"],
+        "device": device_name(device),
+        "acceptance_mode": primary,
+        "token_acceptance": head["token_acceptance"],
+        "action_mismatches": summaries["strict"]["action_mismatches"],
+        "near_ties": summaries["strict"]["near_ties"],
+        "strict": summaries["strict"],
+        "relaxed": summaries["relaxed"],
+        "no_draft": {
+            "ms": _r(np.median(plain_ms), 3),
+            "p90_ms": _r(_percentile(plain_ms, 90), 3),
+            "main_ms": _r(np.median([p.stats["main_ms"] for p in plain.first]), 3),
+            "main_passes_per_chunk": _r(np.mean([p.stats["main_passes"] for p in plain.first])),
+        },
+        "near_tie_margin": config.near_tie_margin,
+        "speedup_spread": "p10/p90 of per-observation ratios of median no-draft to median draft latency",
+        "observations": len(observations),
+        "repetitions": config.repetitions,
+        "warmup": config.warmup,
+        "threads": config.threads if device.type == "cpu" else None,
+        "torch_device": str(device),
+        "timing_seconds": round(time.monotonic() - start, 1),
+    }
+    if tie_layers:
+        result["near_tie_layers"] = sorted(set(tie_layers))
+    log.info("bench on %s: no draft %.2f ms, %s %.2f ms (x%.3f, p10 %.3f, p90 %.3f), relaxed x%.3f; token "
+             "acceptance strict %.3f relaxed %.3f; strict mismatches %d (near-ties %d)", result["device"],
+             result["no_draft_ms"], primary, result["draft_ms"], result["speedup"], result["speedup_p10"],
+             result["speedup_p90"], summaries["relaxed"]["speedup"], summaries["strict"]["token_acceptance"],
+             summaries["relaxed"]["token_acceptance"], mismatches, near_ties)
+    return result
+

@@ -1,0 +1,361 @@
+"""The `report` stage: reports/report.md and its plots, every number read from a metrics file.
+
+Inputs (all required; a missing one is an error naming it and the stage that writes it):
+metrics/{demos,policy,collect,train,verify,eval_no_draft,eval_draft,bench}.json and the DVCLive
+curves of the main policy and the draft (dvclive/<name>/plots/metrics/**.tsv).
+
+Outputs: report.md (comparison table, per-task success, training summary, conclusion checklist) and
+three PNGs: training_curves.png, per_task_success.png, latency_breakdown.png.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rsd.io import atomic_path
+
+SOURCES = {
+    "demos": "demos",
+    "policy": "policy",
+    "collect": "collect",
+    "train": "train",
+    "verify": "verify",
+    "eval_no_draft": "eval@no_draft",
+    "eval_draft": "eval@draft",
+    "bench": "bench",
+}
+"""metrics/<name>.json the report reads -> the stage that writes it."""
+CURVES = ("policy", "draft")
+"""DVCLive runs whose curves are plotted."""
+PLOTS = ("training_curves.png", "per_task_success.png", "latency_breakdown.png")
+
+
+@dataclass
+class ReportConfig:
+    """params.yaml `report`: the targets the conclusion checks against."""
+
+    min_speedup: float = 1.3
+    """Benchmark speedup (median no-draft / median draft latency) the draft must reach."""
+    min_token_acceptance: float = 0.6
+    """Share of draft codes equal to main's the draft must reach."""
+    max_relaxed_success_drop: float = 0.02
+    """Relaxed mode: largest success-rate drop from no-draft that still passes (strict must be equal)."""
+
+    def __post_init__(self) -> None:
+        for name in ("min_speedup", "min_token_acceptance", "max_relaxed_success_drop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"report.{name} must be a non-negative number, got {value!r}")
+
+
+class Metrics:
+    """The metrics files, with errors that name the file and key when something is missing."""
+
+    def __init__(self, metrics_dir: str | Path) -> None:
+        self.dir = Path(metrics_dir)
+        missing = [f"{self.dir / f'{name}.json'} (stage {stage})" for name, stage in SOURCES.items()
+                   if not (self.dir / f"{name}.json").is_file()]
+        if missing:
+            raise FileNotFoundError("the report needs metrics files that are missing: " + ", ".join(missing))
+        self.data: dict[str, dict[str, Any]] = {}
+        for name in SOURCES:
+            path = self.dir / f"{name}.json"
+            try:
+                self.data[name] = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def get(self, name: str, *keys: str, default: Any = KeyError) -> Any:
+        """metrics/<name>.json [key][key]...; a missing key is a KeyError naming the file (unless a default is given)."""
+        value: Any = self.data[name]
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                if default is not KeyError:
+                    return default
+                raise KeyError(f"{self.path(name)} lacks {'.'.join(keys)}")
+            value = value[key]
+        return value
+
+    def date(self, name: str) -> str:
+        """The file's own `date` field if it has one, else the day the file was written."""
+        if isinstance(self.data[name].get("date"), str):
+            return self.data[name]["date"]
+        return dt.datetime.fromtimestamp(self.path(name).stat().st_mtime).strftime("%Y-%m-%d")
+
+
+def read_curves(live_dir: str | Path, run: str) -> dict[str, tuple[list[float], list[float]]]:
+    """DVCLive TSVs of one run -> {"train/loss": (steps, values), ...}; a missing folder names itself."""
+    root = Path(live_dir) / run / "plots" / "metrics"
+    if not root.is_dir():
+        raise FileNotFoundError(f"the report needs the {run} training curves: {root} is missing")
+    curves = {}
+    for tsv in sorted(root.rglob("*.tsv")):
+        lines = [line.split("\t") for line in tsv.read_text().splitlines() if line.strip()]
+        if len(lines) < 2:
+            continue
+        rows = [r for r in lines[1:] if len(r) >= 2]
+        curves[tsv.relative_to(root).with_suffix("").as_posix()] = ([float(r[0]) for r in rows], [float(r[1]) for r in rows])
+    if not curves:
+        raise FileNotFoundError(f"the report needs the {run} training curves: no .tsv under {root}")
+    return curves
+
+
+# ---- formatting ------------------------------------------------------------------------------------
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _mark(ok: bool | None) -> str:
+    return "—" if ok is None else ("✅" if ok else "❌")
+
+
+def _check(ok: bool) -> str:
+    return "[x]" if ok else "[ ]"
+
+
+def _short(task: str) -> str:
+    """A libero_spatial task name without the shared `pick_up_the_black_bowl_` / `_and_place_it_on_the_plate`."""
+    return task.removeprefix("pick_up_the_black_bowl_").removesuffix("_and_place_it_on_the_plate").replace("_", " ")
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+
+def build_report(metrics_dir: str | Path, live_dir: str | Path, out_dir: str | Path,
+                 config: ReportConfig | None = None) -> Path:
+    """Write out_dir/report.md and the plots; return the report's path."""
+    config = config or ReportConfig()
+    m = Metrics(metrics_dir)
+    curves = {run: read_curves(live_dir, run) for run in CURVES}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checks = conclusions(m, config)
+    _plot_curves(curves, out / PLOTS[0])
+    _plot_per_task(m, out / PLOTS[1])
+    _plot_latency(m, out / PLOTS[2])
+    text = render(m, config, checks)
+    path = out / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def conclusions(m: Metrics, config: ReportConfig) -> list[tuple[str, bool]]:
+    """The conclusion checklist: (statement with its numbers, met?)."""
+    mode = m.get("eval_draft", "acceptance_mode")
+    base_rate, draft_rate = m.get("eval_no_draft", "success_rate"), m.get("eval_draft", "success_rate")
+    speedup, acceptance = m.get("bench", "speedup"), m.get("bench", "token_acceptance")
+    bench_mode = m.get("bench", "acceptance_mode")
+    if mode == "relaxed":
+        drop = base_rate - draft_rate
+        success = (f"Relaxed-mode success within {100 * config.max_relaxed_success_drop:.0f} points of no draft "
+                   f"({_pct(draft_rate)} vs {_pct(base_rate)})", drop <= config.max_relaxed_success_drop + 1e-9)
+    else:
+        success = (f"Strict-mode success equals no draft ({m.get('eval_draft', 'successes')}/{m.get('eval_draft', 'trials')} "
+                   f"vs {m.get('eval_no_draft', 'successes')}/{m.get('eval_no_draft', 'trials')})",
+                   m.get("eval_draft", "successes") == m.get("eval_no_draft", "successes"))
+    mismatches, ties = m.get("bench", "action_mismatches"), m.get("bench", "near_ties")
+    return [
+        (f"Speedup ≥ {config.min_speedup:g}× ({bench_mode}: {speedup:.2f}×, p10–p90 {m.get('bench', 'speedup_p10'):.2f}–"
+         f"{m.get('bench', 'speedup_p90'):.2f}×)", speedup >= config.min_speedup),
+        (f"Draft token acceptance ≥ {config.min_token_acceptance:.2f} ({bench_mode}: {acceptance:.3f})",
+         acceptance >= config.min_token_acceptance),
+        success,
+        (f"Strict decoding reproduces no-draft tokens ({mismatches} of {m.get('bench', 'observations')} observations "
+         f"differ, {ties} of them floating-point near-ties)", mismatches == ties),
+        (f"Draft checkpoint verified (val accuracy {m.get('train', 'best_val_accuracy'):.3f})",
+         bool(m.get("verify", "passed"))),
+    ]
+
+
+def render(m: Metrics, config: ReportConfig, checks: list[tuple[str, bool]]) -> str:
+    """report.md's text."""
+    nd, d, b = m.data["eval_no_draft"], m.data["eval_draft"], m.data["bench"]
+    mode = m.get("eval_draft", "acceptance_mode")
+    relaxed = mode == "relaxed"
+    success_target = (f"≥ no draft − {100 * config.max_relaxed_success_drop:.0f} pts" if relaxed else "= no draft")
+    success_met = checks[2][1]
+    memory = ("GPU memory" if "cuda" in str(nd.get("device"))
+              else "the peak resident set of an evaluation worker, simulator included")
+    lines = [
+        "# RSD on LIBERO libero_spatial: report",
+        "",
+        f"Residual speculative decoding of the main policy's RFSQ tokens, draft variant in **{mode}** mode. "
+        f"Success rates are closed-loop episodes on the benchmark's init states ({m.get('eval_no_draft', 'trials')} per "
+        f"variant); latency is the benchmark's median per policy call on {b['device']} "
+        f"({b['observations']} recorded observations × {b['repetitions']} repetitions, engines interleaved).",
+        "",
+        "## Comparison",
+        "",
+        f"| Metric | No draft | Draft ({mode}) | Target | Met |",
+        "| --- | --- | --- | --- | --- |",
+        f"| Success Rate | {_pct(nd['success_rate'])} ({nd['successes']}/{nd['trials']}) | {_pct(d['success_rate'])} "
+        f"({d['successes']}/{d['trials']}) | {success_target} | {_mark(success_met)} |",
+        f"| Avg Inference Time | {b['no_draft_ms']:.2f} ms | {b['draft_ms']:.2f} ms | — | — |",
+        f"| Speedup | 1.00× | {b['speedup']:.2f}× (p10–p90 {b['speedup_p10']:.2f}–{b['speedup_p90']:.2f}) | "
+        f"≥ {config.min_speedup:g}× | {_mark(checks[0][1])} |",
+        f"| Draft Acceptance | — | {b['token_acceptance']:.3f} | ≥ {config.min_token_acceptance:.2f} | {_mark(checks[1][1])} |",
+        f"| Memory (peak) | {nd['peak_memory_gb']:.2f} GB | {d['peak_memory_gb']:.2f} GB | for reference | — |",
+        "",
+        f"Closed-loop evaluation, mean per call: {nd['avg_inference_ms']:.2f} ms without the draft, "
+        f"{d['avg_inference_ms']:.2f} ms with it (p90 {nd['p90_inference_ms']:.2f} / {d['p90_inference_ms']:.2f} ms); "
+        f"main passes per chunk {nd['main_passes_per_chunk']:g} / {d['main_passes_per_chunk']:g}; accepted draft layers "
+        f"per chunk {d['accepted_layers_per_chunk']}; memory is {memory}.",
+        "",
+        "Both acceptance rules on the same observations (benchmark):",
+        "",
+        "| Mode | Median ms | Speedup (p10–p90) | Token acceptance | Per layer | Accepted layers / chunk | Main passes / chunk |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| no draft | {b['no_draft_ms']:.2f} | 1.00× | — | — | — | {b['no_draft']['main_passes_per_chunk']:g} |",
+    ]
+    for name in ("strict", "relaxed"):
+        s = b[name]
+        label = name if name == "strict" else f"relaxed (±{s['tolerance']})"
+        lines.append(f"| {label} | {s['draft_ms']:.2f} | {s['speedup']:.2f}× ({s['speedup_p10']:.2f}–{s['speedup_p90']:.2f}) "
+                     f"| {s['token_acceptance']:.3f} | {' / '.join(f'{v:.2f}' for v in s['token_acceptance_per_layer'])} "
+                     f"| {s['accepted_layers_per_chunk']:.2f} | {s['main_passes_per_chunk']:.2f} |")
+    lines += [
+        "",
+        f"Strict mode: {b['strict']['action_mismatches']} observation(s) decoded tokens unlike no-draft decoding, "
+        f"{b['strict']['near_ties']} of them floating-point near-ties (top-2 logit margin below "
+        f"{b.get('near_tie_margin', 1e-4):g}). Relaxed mode: "
+        f"{b['relaxed']['token_mismatches']} observation(s) differ, mean action deviation "
+        f"{b['relaxed']['mean_action_deviation']:.4f} (max {b['relaxed']['max_action_deviation']:.4f}).",
+        "",
+        "![latency breakdown](latency_breakdown.png)",
+        "",
+        "## Per-task success",
+        "",
+        f"| Task | No draft | Draft ({mode}) |",
+        "| --- | --- | --- |",
+    ]
+    for task, rate in nd["per_task"].items():
+        other = d["per_task"].get(task)
+        lines.append(f"| {_short(task)} | {_pct(rate)} | {'—' if other is None else _pct(other)} |")
+    demos, policy, collect, train = (m.data[k] for k in ("demos", "policy", "collect", "train"))
+    per_layer = " / ".join(f"{v:.3f}" for v in train["val_accuracies_per_layer"])
+    policy_acc = " / ".join(f"{v:.3f}" for v in policy["val_token_accuracy_per_layer"])
+    lines += [
+        "",
+        "![per-task success](per_task_success.png)",
+        "",
+        "## Training summary",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| Date (draft trained) | {m.date('train')} |",
+        f"| Demonstrations | {demos['kept']} episodes kept of {demos['episodes']} ({demos.get('source', 'expert')}) |",
+        f"| Main policy | {policy['epochs']} epochs, {policy['train_seconds'] / 60:.1f} min, {policy['parameters'] / 1e6:.2f}M "
+        f"parameters, val token accuracy per layer {policy_acc} |",
+        f"| Draft samples | {collect['samples']:,} from {collect['episodes']} main-policy episodes |",
+        f"| Draft model | {train['epochs']} epochs, {train['train_seconds'] / 60:.1f} min, "
+        f"{train['parameters'] / 1e6:.2f}M parameters |",
+        f"| Best val accuracy | {train['best_val_accuracy']:.3f} (epoch {train['best_epoch']}; per layer {per_layer}) |",
+        f"| Verification | {'passed' if m.get('verify', 'passed') else 'FAILED'} |",
+        "",
+        "![training curves](training_curves.png)",
+        "",
+        "## Conclusion",
+        "",
+    ]
+    lines += [f"- {_check(ok)} {text}" for text, ok in checks]
+    if not relaxed:
+        lines.append(f"- Relaxed mode (±{b['relaxed']['tolerance']}) was benchmarked, not evaluated closed loop "
+                     f"(`eval.acceptance: relaxed` does that): {b['relaxed']['speedup']:.2f}×, token acceptance "
+                     f"{b['relaxed']['token_acceptance']:.3f}, mean action deviation "
+                     f"{b['relaxed']['mean_action_deviation']:.4f}.")
+    lines += ["", "Every number above is read from `metrics/*.json` (`dvc metrics show` lists them).", ""]
+    return "\n".join(lines)
+
+
+# ---- plots -----------------------------------------------------------------------------------------
+
+
+def _figure(path: Path, fig: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_curves(curves: dict[str, dict[str, tuple[list[float], list[float]]]], path: Path) -> None:
+    """Loss (train and val) and validation accuracy per epoch, for the main policy and the draft."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(len(curves), 2, figsize=(10, 3.2 * len(curves)), squeeze=False)
+    for row, (run, series) in enumerate(curves.items()):
+        loss_ax, acc_ax = axes[row]
+        for name, (x, y) in series.items():
+            if name.endswith("loss"):
+                loss_ax.plot(x, y, marker=".", label=name)
+            elif name.startswith("val/") and ("acc" in name) and "exact" not in name:
+                acc_ax.plot(x, y, marker=".", label=name.removeprefix("val/"))
+        loss_ax.set(title=f"{run}: loss", xlabel="epoch (DVCLive step)", ylabel="cross entropy")
+        acc_ax.set(title=f"{run}: validation accuracy", xlabel="epoch (DVCLive step)", ylabel="token accuracy", ylim=(0, 1))
+        for ax in (loss_ax, acc_ax):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if ax.lines:
+                ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+    _figure(path, fig)
+
+
+def _plot_per_task(m: Metrics, path: Path) -> None:
+    """Success per task, no draft beside draft."""
+    plt = _pyplot()
+    tasks = list(m.data["eval_no_draft"]["per_task"])
+    base = [m.data["eval_no_draft"]["per_task"][t] for t in tasks]
+    draft = [m.data["eval_draft"]["per_task"].get(t, 0.0) for t in tasks]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    x = range(len(tasks))
+    ax.bar([i - 0.2 for i in x], base, 0.4, label="no draft")
+    ax.bar([i + 0.2 for i in x], draft, 0.4, label=f"draft ({m.data['eval_draft'].get('acceptance_mode', '')})")
+    ax.set_xticks(list(x), [_short(t) for t in tasks], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="success rate", ylim=(0, 1.05), title="libero_spatial success per task")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    _figure(path, fig)
+
+
+def _plot_latency(m: Metrics, path: Path) -> None:
+    """Median ms per policy call, split into the draft model, the main policy and the rest (inputs, decode)."""
+    plt = _pyplot()
+    b = m.data["bench"]
+    rows = [("no draft", b["no_draft_ms"], 0.0, b["no_draft"]["main_ms"])]
+    rows += [(name, b[name]["draft_ms"], b[name]["draft_model_ms"], b[name]["main_ms"]) for name in ("strict", "relaxed")]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [r[0] for r in rows]
+    main = [r[3] for r in rows]
+    draft = [r[2] for r in rows]
+    other = [max(0.0, r[1] - r[2] - r[3]) for r in rows]
+    ax.barh(names, main, label="main policy")
+    ax.barh(names, draft, left=main, label="draft model")
+    ax.barh(names, other, left=[a + c for a, c in zip(main, draft)], label="inputs + action decode")
+    for i, r in enumerate(rows):
+        ax.text(r[1] * 1.01, i, f"{r[1]:.1f} ms", va="center", fontsize=8)
+    ax.set(xlabel=f"median ms per policy call ({b['device']})", title="Latency breakdown")
+    ax.set_xlim(0, max(r[1] for r in rows) * 1.2)
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, loc="lower right")
+    _figure(path, fig)

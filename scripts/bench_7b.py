@@ -1,0 +1,281 @@
+"""RSD at OpenVLA's scale: the engine with a Llama-2-7B-shaped main backbone on one GPU, bf16, random weights.
+
+Times engine calls (`RSDEngine.predict`: inputs to action chunk) without the draft and with it, the
+draft's acceptance pinned, and records peak GPU memory. Random weights decide nothing about acceptance,
+so the draft's proposals are built from main's own codes:
+
+- for each observation, main's codes as strict speculation checks them are found first (untimed): an
+  oracle proposal that the verify pass accepts whole;
+- a call "with k accepted layers" proposes layers 1..k from the oracle and layer k+1 with one code
+  changed, so strict acceptance keeps exactly k draft layers (k = 0..K-1);
+- the draft model itself (input_dim 4096, bf16) still runs in every call, so its cost is real.
+
+Measured: median ms per call without the draft and for each k, then the mixture given by the share of
+calls with k accepted layers (`--accepted-share`, by default the strict mode's `accepted_layers_share`
+of metrics/bench.json, the LIBERO measurement), drawn per call in a fixed shuffled order.
+
+    python scripts/bench_7b.py --out metrics/bench_7b.json [--accepted-share 0.3 0.2 0.5]
+
+Needs a CUDA GPU with ~16 GB free; runs from the repository root without installing the package.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from rsd.draft.model import RFSQDraftModelWithProjection  # noqa: E402
+from rsd.engine import EngineConfig, LeanDraft, RSDEngine  # noqa: E402
+from rsd.policy.config import BackboneConfig, PolicyConfig, build_vocab  # noqa: E402
+from rsd.policy.model import MainPolicy  # noqa: E402
+from rsd.tokenizer.config import TokenizerConfig  # noqa: E402
+from rsd.tokenizer.model import RFSQTokenizer  # noqa: E402
+
+INSTRUCTIONS = [
+    "pick up the black bowl between the plate and the ramekin and place it on the plate",
+    "pick up the black bowl next to the ramekin and place it on the plate",
+    "pick up the black bowl on the wooden cabinet and place it on the plate",
+]
+
+
+class PinnedDraft(nn.Module):
+    """Runs the real draft model (for its cost), then returns the proposal set for this call."""
+
+    def __init__(self, draft: RFSQDraftModelWithProjection) -> None:
+        super().__init__()
+        self.inner, self.config = draft, draft.config
+        self.lean = LeanDraft.from_draft(draft)
+        self.proposal: Tensor | None = None
+
+    def propose(self, hidden: Tensor) -> Tensor:
+        computed = (self.lean or self.inner).propose(hidden)  # [1, K, 128], the real work
+        return computed if self.proposal is None else self.proposal
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("metrics/bench_7b.json"), help="JSON result")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="vision/proprio sizes come from policy.model")
+    parser.add_argument("--bench", type=Path, default=ROOT / "metrics/bench.json",
+                        help="where the default --accepted-share is read (strict.accepted_layers_share)")
+    parser.add_argument("--accepted-share", type=float, nargs="+", default=None,
+                        help="share of calls whose strict check keeps k = 0, 1, ... draft layers (sums to 1)")
+    parser.add_argument("--observations", type=int, default=8, help="distinct random observations")
+    parser.add_argument("--repetitions", type=int, default=10, help="timed calls per observation and variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first")
+    parser.add_argument("--vision-grid", type=int, default=None,
+                        help="visual tokens per camera side (default: params.yaml; 11 gives OpenVLA's ~256 image tokens)")
+    parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the small default backbone on the CPU in float32: checks the script, measures nothing of note")
+    return parser.parse_args(argv)
+
+
+def accepted_share(args: argparse.Namespace, layers: int) -> tuple[list[float], str]:
+    """The pinned distribution of accepted draft layers and where it came from."""
+    if args.accepted_share is not None:
+        share, source = list(args.accepted_share), "command line"
+    elif args.bench.is_file():
+        share = json.loads(args.bench.read_text())["strict"]["accepted_layers_share"]
+        source = str(args.bench)
+    else:
+        raise SystemExit(f"no --accepted-share given and {args.bench} (the LIBERO benchmark) is missing")
+    if len(share) != layers or any(s < 0 for s in share) or abs(sum(share) - 1) > 1e-3:
+        raise SystemExit(f"--accepted-share needs {layers} non-negative numbers summing to 1, got {share}")
+    return share, source
+
+
+def build(args: argparse.Namespace, device: torch.device) -> tuple[MainPolicy, RFSQTokenizer, RFSQDraftModelWithProjection]:
+    model = dict((yaml.safe_load(args.params.read_text()).get("policy") or {}).get("model") or {})
+    model.pop("backbone", None)
+    if args.vision_grid is not None:
+        model["vision_grid"] = args.vision_grid
+    backbone = BackboneConfig() if args.dry_run else BackboneConfig.llama2_7b()
+    backbone.attn_implementation = args.attn
+    config = PolicyConfig.from_dict({**model, "vocab": build_vocab(INSTRUCTIONS), "num_layers": 4, "levels": 7,
+                                     "backbone": dataclasses.asdict(backbone)})
+    torch.manual_seed(args.seed)
+    tokenizer = RFSQTokenizer(TokenizerConfig(num_layers=4), np.full(7, -1.0), np.full(7, 1.0)).eval()  # CPU, float32
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    draft = RFSQDraftModelWithProjection(backbone.hidden_size).to(device, dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 on the GPU: no float32 copy of 7B weights
+    try:
+        with torch.device(device):
+            policy = MainPolicy(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return policy, tokenizer, draft
+
+
+def observations(n: int, size: int, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    return [{"agentview": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+             "wrist": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+             "proprio": rng.normal(size=8).astype(np.float32),
+             "instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)]} for i in range(n)]
+
+
+def oracle(engine: RSDEngine, draft: PinnedDraft, inputs: dict[str, Any], plain: Tensor) -> Tensor:
+    """Main's codes [1, K, 128] as the verify pass sees them: a proposal strict mode keeps whole."""
+    K = draft.config.num_coarse_layers
+    proposal = plain.flatten(0, 1).T[None, :K].clone()
+    for _ in range(K + 1):
+        draft.proposal = proposal
+        prediction = engine.predict(inputs)
+        if prediction.stats["accepted_layers"] == K - 1:
+            return proposal
+        proposal = prediction.tokens.flatten(0, 1).T[None, :K].clone()
+    raise RuntimeError("could not find a proposal the verify pass accepts whole")
+
+
+def pinned(proposal: Tensor, k: int) -> Tensor:
+    """Layers 1..k as main's, layer k+1 (if any) with one code changed: strict keeps exactly k layers."""
+    out = proposal.clone()
+    if k + 1 < out.shape[1]:
+        out[:, k + 1, 0] = (out[:, k + 1, 0] + 1) % 7
+    return out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
+
+
+def timed(engine: RSDEngine, inputs: dict[str, Any]) -> tuple[float, Any]:
+    _sync()
+    start = time.perf_counter()
+    prediction = engine.predict(inputs)
+    _sync()
+    return (time.perf_counter() - start) * 1e3, prediction
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.dry_run:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        raise SystemExit("bench_7b needs a CUDA GPU (or --dry-run)")
+    start = time.monotonic()
+    policy, tokenizer, draft = build(args, device)
+    dtype = next(policy.backbone.parameters()).dtype
+    K = draft.config.num_coarse_layers
+    share, source = accepted_share(args, K)
+    weights_gb = sum(p.numel() * p.element_size() for p in policy.parameters()) / 1e9
+    plain_engine = RSDEngine(policy, tokenizer)
+    pinned_draft = PinnedDraft(draft)
+    spec_engine = RSDEngine(policy, tokenizer, pinned_draft, EngineConfig(mode="strict"))
+    obs = observations(args.observations, 128, args.seed)
+    prompt = policy.config.num_visual_tokens + 1 + max(len(policy.config.encode_instruction(t)) for t in INSTRUCTIONS) + 1
+
+    # no draft alone first: its peak memory without the draft
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup):
+        plain_engine.predict(obs[i % len(obs)])
+    plain = [plain_engine.predict(o) for o in obs]
+    peak_plain = _peak_gb()
+    oracles = [oracle(spec_engine, pinned_draft, o, p.tokens) for o, p in zip(obs, plain)]
+    # observations whose coarse codes from the multi-position verify pass differ from one-position decoding
+    mismatches = sum(not torch.equal(o.flatten(), p.tokens.flatten(0, 1).T[:K].flatten()) for o, p in zip(oracles, plain))
+    for i in range(args.warmup):
+        pinned_draft.proposal = pinned(oracles[i % len(obs)], K - 1)
+        spec_engine.predict(obs[i % len(obs)])
+
+    # interleaved timing: per observation and repetition, no draft and every k, order rotating
+    variants = ["none", *[f"k{k}" for k in range(K)]]
+    ms: dict[str, list[float]] = {v: [] for v in variants}
+    stats: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    rounds = 0
+    for _ in range(args.repetitions):
+        for i, inputs in enumerate(obs):
+            shift = rounds % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                if v == "none":
+                    t, p = timed(plain_engine, inputs)
+                else:
+                    k = int(v[1:])
+                    pinned_draft.proposal = pinned(oracles[i], k)
+                    t, p = timed(spec_engine, inputs)
+                    if p.stats["accepted_layers"] != k:
+                        raise RuntimeError(f"pinned {k} accepted layers, the engine kept {p.stats['accepted_layers']}")
+                ms[v].append(t)
+                stats[v].append(p.stats)
+            rounds += 1
+
+    # the pinned mixture: each call's k drawn from the share, in a fixed shuffled order
+    rng = np.random.default_rng(args.seed)
+    calls = args.repetitions * len(obs)
+    counts = np.floor(np.asarray(share) * calls).astype(int)
+    counts[np.argmax(share)] += calls - counts.sum()
+    ks = rng.permutation(np.repeat(np.arange(K), counts))
+    mix_ms, mix_plain = [], []
+    for j, k in enumerate(ks):
+        i = j % len(obs)
+        pinned_draft.proposal = pinned(oracles[i], int(k))
+        order = [(spec_engine, "spec"), (plain_engine, "none")][:: 1 if j % 2 else -1]
+        for engine, name in order:
+            t, _ = timed(engine, obs[i])
+            (mix_ms if name == "spec" else mix_plain).append(t)
+    peak_draft = _peak_gb()
+    ratios = np.asarray(mix_plain) / np.asarray(mix_ms)
+    med = {v: float(np.median(x)) for v, x in ms.items()}
+    result = {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (dry run on the CPU)",
+        "backbone": ("the small default backbone (dry run)" if args.dry_run else
+                     "Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, MLP 11008), random weights"),
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": args.attn,
+        "policy_parameters_b": round(sum(p.numel() for p in policy.parameters()) / 1e9, 3),
+        "draft_parameters_m": round(sum(p.numel() for p in draft.parameters()) / 1e6, 3),
+        "weights_gb": round(weights_gb, 3),
+        "prompt_positions": prompt,
+        "accepted_share": share,
+        "accepted_share_source": source,
+        "no_draft_ms": round(float(np.median(mix_plain)), 3),
+        "draft_ms": round(float(np.median(mix_ms)), 3),
+        "speedup": round(float(np.median(mix_plain) / np.median(mix_ms)), 4),
+        "speedup_p10": round(float(np.percentile(ratios, 10)), 4),
+        "speedup_p90": round(float(np.percentile(ratios, 90)), 4),
+        "ms_by_accepted_layers": {str(k): round(med[f"k{k}"], 3) for k in range(K)},
+        "no_draft_ms_interleaved": round(med["none"], 3),
+        "speedup_by_accepted_layers": {str(k): round(med["none"] / med[f"k{k}"], 4) for k in range(K)},
+        "draft_model_ms": round(float(np.median([s["draft_ms"] for v in variants[1:] for s in stats[v]])), 3),
+        "main_passes_by_accepted_layers": {str(k): stats[f"k{k}"][0]["main_passes"] for k in range(K)},
+        "peak_memory_gb_no_draft": round(peak_plain, 3),
+        "peak_memory_gb_draft": round(peak_draft, 3),
+        "peak_memory_gib_draft": round(peak_draft * 1e9 / 2**30, 3),
+        "verify_pass_code_mismatches": int(mismatches),
+        "observations": len(obs),
+        "repetitions": args.repetitions,
+        "lean_draft": pinned_draft.lean is not None,
+        "torch": torch.__version__,
+        "wall_seconds": round(time.monotonic() - start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

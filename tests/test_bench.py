@@ -1,0 +1,79 @@
+"""The speed benchmark's timing and bookkeeping, on a small random policy and synthetic observations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rsd.bench import BenchConfig, _quotas, benchmark, explain_difference
+from rsd.draft.model import RFSQDraftModelWithProjection
+from rsd.engine import EngineConfig, RSDEngine
+from rsd.policy import MainPolicy, PolicyConfig, build_vocab
+from rsd.tokenizer.config import TokenizerConfig
+from rsd.tokenizer.model import RFSQTokenizer
+
+INSTRUCTION = "pick up the black bowl and place it on the plate"
+
+
+@pytest.fixture(scope="module")
+def engines() -> dict[str, RSDEngine]:
+    torch.manual_seed(0)
+    policy = MainPolicy(PolicyConfig(vocab=build_vocab([INSTRUCTION]), num_layers=4)).eval()
+    tokenizer = RFSQTokenizer(TokenizerConfig(num_layers=4), np.full(7, -1.0), np.full(7, 1.0)).eval()
+    draft = RFSQDraftModelWithProjection(256, hidden_dim=64, num_heads=4, ff_dim=64)
+    return {mode: RSDEngine(policy, tokenizer, None if mode == "none" else draft, EngineConfig(mode=mode, tolerance=1))
+            for mode in ("none", "strict", "relaxed")}
+
+
+def observations(n: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"agentview": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+             "wrist": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+             "proprio": rng.normal(size=8).astype(np.float32), "instruction": INSTRUCTION} for _ in range(n)]
+
+
+def test_benchmark_reports_both_modes(engines):
+    config = BenchConfig(observations=4, repetitions=2, warmup=1)
+    metrics = benchmark(engines, observations(4), config, primary="strict", progress=False)
+    for key in ("no_draft_ms", "draft_ms", "speedup", "speedup_p10", "speedup_p90", "device", "acceptance_mode",
+                "token_acceptance", "action_mismatches", "near_ties"):
+        assert key in metrics, key
+    assert metrics["acceptance_mode"] == "strict" and metrics["observations"] == 4 and metrics["repetitions"] == 2
+    assert metrics["speedup_p10"] <= metrics["speedup_p90"]
+    assert metrics["speedup"] == pytest.approx(metrics["no_draft_ms"] / metrics["draft_ms"], rel=1e-3)
+    for mode in ("strict", "relaxed"):
+        m = metrics[mode]
+        assert 0 <= m["token_acceptance"] <= 1 and len(m["token_acceptance_per_layer"]) == 3
+        assert sum(m["accepted_layers_share"]) == pytest.approx(1.0)
+        assert m["main_passes_per_chunk"] == pytest.approx(4 - m["accepted_layers_per_chunk"])
+    assert metrics["strict"]["action_mismatches"] == metrics["near_ties"] == 0  # lossless
+    assert metrics["token_acceptance"] == metrics["strict"]["token_acceptance"]
+    assert metrics["relaxed"]["tolerance"] == 1 and metrics["relaxed"]["mean_action_deviation"] >= 0
+
+
+def test_benchmark_refuses_missing_engines(engines):
+    with pytest.raises(ValueError, match="missing relaxed"):
+        benchmark({k: engines[k] for k in ("none", "strict")}, observations(1), BenchConfig())
+
+
+def test_explain_difference_finds_the_first_differing_layer(engines):
+    inputs = observations(1)[0]
+    plain = engines["none"].predict(inputs).tokens
+    assert explain_difference(engines["none"], inputs, plain, 1e-4) is None
+    other = plain.clone()
+    other[0, 0, 2] = (other[0, 0, 2] + 1) % 7
+    layer, margin = explain_difference(engines["none"], inputs, other, 1e-4)
+    assert layer == 2 and margin > 0
+
+
+def test_quotas_spread_observations_over_tasks():
+    assert _quotas(10, [0, 1, 2], {0: 100, 1: 100, 2: 100}) == {0: 4, 1: 3, 2: 3}
+    assert _quotas(10, [0, 1], {0: 2, 1: 100}) == {0: 2, 1: 8}
+    assert _quotas(10, [0, 1], {0: 2, 1: 3}) == {0: 2, 1: 3}
+
+
+@pytest.mark.parametrize("field,value", [("observations", 0), ("repetitions", 0), ("warmup", -1), ("tasks", [10]),
+                                         ("near_tie_margin", 0), ("execute_steps", 9)])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"bench.{field}"):
+        BenchConfig(**{field: value})

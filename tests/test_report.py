@@ -1,0 +1,110 @@
+"""The report: built from small metrics files, every number from them; a missing file is named."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rsd.report import PLOTS, SOURCES, ReportConfig, build_report
+
+TASKS = ["pick_up_the_black_bowl_next_to_the_plate_and_place_it_on_the_plate",
+         "pick_up_the_black_bowl_on_the_stove_and_place_it_on_the_plate"]
+
+
+def _eval(successes: int, mode: str, ms: float) -> dict:
+    return {"success_rate": successes / 12, "successes": successes, "trials": 12,
+            "per_task": {TASKS[0]: 0.8333, TASKS[1]: (successes - 5) / 6}, "avg_inference_ms": ms,
+            "p50_inference_ms": ms, "p90_inference_ms": ms + 3, "draft_ms": 1.5 if mode != "none" else 0.0,
+            "main_ms": ms - 2, "main_passes_per_chunk": 4.0 if mode == "none" else 2.61,
+            "token_acceptance": None if mode == "none" else 0.71, "token_acceptance_per_layer": None,
+            "accepted_layers_per_chunk": None if mode == "none" else 1.39, "peak_memory_gb": 1.871,
+            "policy_calls": 300, "mean_episode_steps": 150.0, "wall_seconds": 60.0, "device": "cpu",
+            "acceptance_mode": mode}
+
+
+def _mode(ms: float, speedup: float, acceptance: float) -> dict:
+    return {"draft_ms": ms, "speedup": speedup, "speedup_p10": speedup - 0.2, "speedup_p90": speedup + 0.1,
+            "token_acceptance": acceptance, "token_acceptance_per_layer": [0.97, acceptance, 0.5],
+            "accepted_layers_per_chunk": 1.5, "accepted_layers_share": [0.2, 0.1, 0.7], "main_passes_per_chunk": 2.5,
+            "draft_model_ms": 1.6, "main_ms": 14.0}
+
+
+def write_metrics(root: Path, draft_successes: int = 10, speedup: float = 1.37) -> Path:
+    metrics = root / "metrics"
+    metrics.mkdir()
+    bench = {"no_draft_ms": 24.1, "draft_ms": 17.6, "speedup": speedup, "speedup_p10": 1.12, "speedup_p90": 1.48,
+             "device": "Test CPU", "acceptance_mode": "strict", "token_acceptance": 0.734, "action_mismatches": 1,
+             "near_ties": 1, "strict": {**_mode(17.6, speedup, 0.734), "action_mismatches": 1, "near_ties": 1},
+             "relaxed": {**_mode(16.2, 1.49, 0.912), "tolerance": 1, "token_mismatches": 40,
+                         "mean_action_deviation": 0.0123, "max_action_deviation": 0.2},
+             "no_draft": {"ms": 24.1, "p90_ms": 27.0, "main_ms": 21.0, "main_passes_per_chunk": 4.0},
+             "observations": 200, "repetitions": 5}
+    files = {
+        "demos": {"source": "expert", "episodes": 200, "kept": 196},
+        "policy": {"val_token_accuracy_per_layer": [0.75, 0.62, 0.25, 0.17], "epochs": 14, "train_seconds": 1500.0,
+                   "parameters": 2800448},
+        "collect": {"samples": 17543, "episodes": 80},
+        "train": {"best_val_accuracy": 0.8766, "val_accuracies_per_layer": [0.95, 0.88, 0.8], "best_epoch": 44,
+                  "epochs": 50, "parameters": 1234567, "train_seconds": 600.0, "date": "2026-11-26"},
+        "verify": {"passed": True},
+        "eval_no_draft": _eval(10, "none", 24.0),
+        "eval_draft": _eval(draft_successes, "strict", 18.0),
+        "bench": bench,
+    }
+    for name, data in files.items():
+        (metrics / f"{name}.json").write_text(json.dumps(data))
+    for run, names in {"policy": ["train/loss", "val/loss", "val/token_accuracy_L0"],
+                       "draft": ["train/loss", "val/loss", "val/acc_L0", "val/exact_match_L0"]}.items():
+        for name in names:
+            tsv = root / "dvclive" / run / "plots" / "metrics" / f"{name}.tsv"
+            tsv.parent.mkdir(parents=True, exist_ok=True)
+            key = name.rsplit("/", 1)[1]
+            tsv.write_text(f"step\t{key}\n0\t0.9\n1\t0.7\n2\t0.6\n")
+    return metrics
+
+
+def test_report_reads_every_number_from_the_metrics(tmp_path):
+    metrics = write_metrics(tmp_path)
+    path = build_report(metrics, tmp_path / "dvclive", tmp_path / "reports", ReportConfig())
+    text = path.read_text()
+    for expected in ("| Success Rate | 83.3% (10/12) | 83.3% (10/12) | = no draft | ✅ |",
+                     "| Avg Inference Time | 24.10 ms | 17.60 ms |",
+                     "| Speedup | 1.00× | 1.37× (p10–p90 1.12–1.48) | ≥ 1.3× | ✅ |",
+                     "| Draft Acceptance | — | 0.734 | ≥ 0.60 | ✅ |",
+                     "| Memory (peak) | 1.87 GB | 1.87 GB | for reference | — |",
+                     "| relaxed (±1) | 16.20 | 1.49× (1.29–1.59) | 0.912 |",
+                     "| next to the plate | 83.3% | 83.3% |",
+                     "| Date (draft trained) | 2026-11-26 |",
+                     "196 episodes kept of 200",
+                     "17,543 from 80 main-policy episodes",
+                     "| Best val accuracy | 0.877 (epoch 44; per layer 0.950 / 0.880 / 0.800) |",
+                     "- [x] Speedup ≥ 1.3× (strict: 1.37×",
+                     "- [x] Strict decoding reproduces no-draft tokens (1 of 200 observations differ, 1 of them"):
+        assert expected in text, expected
+    for plot in PLOTS:
+        assert (tmp_path / "reports" / plot).read_bytes()[:4] == b"\x89PNG"
+        assert f"]({plot})" in text
+
+
+def test_report_marks_unmet_targets(tmp_path):
+    metrics = write_metrics(tmp_path, draft_successes=9, speedup=1.1)
+    text = build_report(metrics, tmp_path / "dvclive", tmp_path / "reports").read_text()
+    assert "| Speedup | 1.00× | 1.10× (p10–p90 1.12–1.48) | ≥ 1.3× | ❌ |" in text
+    assert "- [ ] Strict-mode success equals no draft (9/12 vs 10/12)" in text
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_missing_metrics_file_is_named(tmp_path, name):
+    metrics = write_metrics(tmp_path)
+    (metrics / f"{name}.json").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{name}\.json \(stage {SOURCES[name]}\)"):
+        build_report(metrics, tmp_path / "dvclive", tmp_path / "reports")
+
+
+def test_missing_curves_are_named(tmp_path):
+    metrics = write_metrics(tmp_path)
+    for tsv in (tmp_path / "dvclive" / "draft").rglob("*.tsv"):
+        tsv.unlink()
+    with pytest.raises(FileNotFoundError, match="draft training curves"):
+        build_report(metrics, tmp_path / "dvclive", tmp_path / "reports")
