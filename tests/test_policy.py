@@ -231,3 +231,10 @@ def test_bad_layer_weights_name_the_param(weights) -> None:
 
     with pytest.raises(ValueError, match="policy.layer_weights"):
         PolicyTrainConfig(layer_weights=weights)
+
+
+def test_bad_precision_names_the_param() -> None:
+    from rsd.policy.train import PolicyTrainConfig
+
+    with pytest.raises(ValueError, match="policy.precision"):
+        PolicyTrainConfig(precision="fp16")

@@ -43,6 +43,9 @@ class PolicyTrainConfig:
     """Weight of each residual layer's cross entropy, coarse first (one per tokenizer layer); None = equal.
     The fine layers' codes are close to noise (their tokens barely move the action), so weighing them
     down keeps the backbone on the coarse layers that decide the action."""
+    precision: str = "bf16"
+    """`bf16`: forward passes under bfloat16 autocast, weights and optimizer in float32 (~1.7x faster
+    training on a CPU with AVX512-BF16; slower on one without); `fp32`: all in float32."""
     num_threads: int = 2
     """torch CPU threads."""
     seed: int = 0
@@ -53,6 +56,8 @@ class PolicyTrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"policy.{name} must be a positive int, got {value!r}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"policy.precision must be 'bf16' or 'fp32', got {self.precision!r}")
         if not self.lr > 0:
             raise ValueError(f"policy.lr must be > 0, got {self.lr!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -202,7 +207,8 @@ def train_policy(
             train_loss = 0.0
             for index in order.split(config.batch_size):
                 obs, tokens = train.batch(index, policy, config.shift_pixels)
-                loss = policy.loss(obs, tokens, layer_weights)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                    loss = policy.loss(obs, tokens, layer_weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
