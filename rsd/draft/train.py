@@ -159,7 +159,8 @@ def train_draft(samples: DraftSamples, model_config: DraftConfig, train_config: 
                 idx = order[start:start + B]
                 x = samples.hidden_state[idx].to(device, torch.float32)  # [B, H]
                 y = targets[idx].to(device, torch.long)  # [B, C, 128]
-                logits = model(x)  # [B, C, 128, K]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_config.precision == "bf16"):
+                    logits = model(x).float()  # [B, C, 128, K]
                 loss = F.cross_entropy(logits.flatten(0, 2), y.flatten())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
