@@ -86,6 +86,17 @@ def run_policy(params_file: str | Path = "params.yaml") -> dict:
     return metrics
 
 
+def _draft_decoding(params: dict) -> tuple[str, int]:
+    """The draft variant's acceptance rule and relaxed tolerance (params `eval.acceptance`, `eval.tolerance`)."""
+    from rsd.engine import EngineConfig
+
+    values = params.get("eval") or {}
+    engine = EngineConfig(mode=values.get("acceptance", "strict"), tolerance=values.get("tolerance", 1))
+    if engine.mode == "none":
+        raise ValueError("params: eval.acceptance must be strict or relaxed, got 'none'")
+    return engine.mode, engine.tolerance
+
+
 def _engine_factory(mode: str, draft: bool, params: dict):
     """A picklable factory that builds the engine in each worker process."""
     from functools import partial
@@ -93,7 +104,7 @@ def _engine_factory(mode: str, draft: bool, params: dict):
     from rsd.engine import EngineConfig, load_engine
 
     base = section(params, "base", BaseConfig)
-    engine = EngineConfig(mode=mode, tolerance=(params.get("eval") or {}).get("tolerance", 1))
+    engine = EngineConfig(mode=mode, tolerance=_draft_decoding(params)[1])
     return partial(load_engine, str(POLICY_CKPT), str(TOKENIZER_CKPT), str(DRAFT_CKPT) if draft else None, engine, base.torch_device())
 
 
@@ -151,11 +162,9 @@ def run_eval(variant: str, params_file: str | Path = "params.yaml") -> dict:
         raise ValueError(f"eval variant must be one of {', '.join(EVAL_VARIANTS)}; got {variant!r}")
     params = load_params(params_file)
     base = section(params, "base", BaseConfig)
-    values = dict(params.get("eval") or {})
-    acceptance = values.pop("acceptance", "strict")
-    values.pop("tolerance", None)
+    values = {k: v for k, v in (params.get("eval") or {}).items() if k not in ("acceptance", "tolerance")}
     config = section({"eval": values}, "eval", EvalConfig)
-    mode = "none" if variant == "no_draft" else acceptance
+    mode = "none" if variant == "no_draft" else _draft_decoding(params)[0]
     metrics, _ = evaluate(_engine_factory(mode, variant == "draft", params), config, section(params, "sim", SimConfig))
     metrics = {**metrics, "device": base.torch_device(), "acceptance_mode": mode}
     write_json(METRICS / f"eval_{variant}.json", metrics)
@@ -173,10 +182,7 @@ def run_bench(params_file: str | Path = "params.yaml") -> dict:
     params = load_params(params_file)
     base = section(params, "base", BaseConfig)
     config = section(params, "bench", BenchConfig)
-    evaluation = params.get("eval") or {}
-    primary, tolerance = evaluation.get("acceptance", "strict"), evaluation.get("tolerance", 1)
-    if primary not in ("strict", "relaxed"):
-        raise ValueError(f"params: eval.acceptance must be strict or relaxed, got {primary!r}")
+    primary, tolerance = _draft_decoding(params)
     device = base.torch_device()
     start = time.monotonic()
     observations, recorded = record_observations(_engine_factory("none", False, params), config,
