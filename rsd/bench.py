@@ -35,7 +35,7 @@ from rsd.engine import Prediction, RSDEngine
 from rsd.evaluation import Agent, init_worker, rollout, worker_agent, worker_env
 from rsd.parallel import run_unordered
 from rsd.progress import Progress
-from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig, placement_seed
+from rsd.sim.env import LiberoEnv, SimConfig, placement_seed, task_indices
 
 log = logging.getLogger("rsd.bench")
 
@@ -77,14 +77,13 @@ class BenchConfig:
             raise ValueError(f"bench.warmup must be a non-negative int, got {self.warmup!r}")
         if self.execute_steps > 8:
             raise ValueError(f"bench.execute_steps must be in 1..8 (the chunk length), got {self.execute_steps}")
-        if self.tasks is not None and (not self.tasks or any(not 0 <= t < NUM_TASKS for t in self.tasks)):
-            raise ValueError(f"bench.tasks must be a non-empty list of task indices in 0..{NUM_TASKS - 1}, got {self.tasks}")
+        task_indices(self.tasks, "bench.tasks")
         if not (isinstance(self.near_tie_margin, (int, float)) and self.near_tie_margin > 0):
             raise ValueError(f"bench.near_tie_margin must be a positive number, got {self.near_tie_margin!r}")
 
     @property
     def task_indices(self) -> list[int]:
-        return list(range(NUM_TASKS)) if self.tasks is None else list(self.tasks)
+        return task_indices(self.tasks, "bench.tasks")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from rsd.engine import Prediction
 from rsd.evaluation import Agent, init_worker, rollout, worker_agent, worker_env
 from rsd.parallel import run_unordered
 from rsd.progress import Progress
-from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig, placement_seed
+from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig, placement_seed, task_indices
 
 log = logging.getLogger("rsd.collect")
 
@@ -48,14 +48,13 @@ class CollectConfig:
             raise ValueError(f"collect.episodes_per_task must be at least 1, got {self.episodes_per_task}")
         if not 1 <= self.execute_steps <= 8:
             raise ValueError(f"collect.execute_steps must be in 1..8 (the chunk length), got {self.execute_steps}")
-        if self.tasks is not None and (not self.tasks or any(not 0 <= t < NUM_TASKS for t in self.tasks)):
-            raise ValueError(f"collect.tasks must be a non-empty list of task indices in 0..{NUM_TASKS - 1}, got {self.tasks}")
+        task_indices(self.tasks, "collect.tasks")
         if self.workers < 1:
             raise ValueError(f"collect.workers must be at least 1, got {self.workers}")
 
     @property
     def task_indices(self) -> list[int]:
-        return list(range(NUM_TASKS)) if self.tasks is None else list(self.tasks)
+        return task_indices(self.tasks, "collect.tasks")
 
 
 def _collect_episode(job: tuple[int, int, int, CollectConfig]) -> tuple[int, int, bool, dict[str, np.ndarray]]:

@@ -13,7 +13,7 @@ import numpy as np
 from rsd.data import Demo, TaskDemos, demo_files, demo_path, read_task_demos, write_task_demos
 from rsd.parallel import run_unordered
 from rsd.progress import Progress
-from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig, placement_seed
+from rsd.sim.env import LiberoEnv, SimConfig, placement_seed, task_indices
 from rsd.sim.expert import rollout_expert
 
 log = logging.getLogger("rsd.demos")
@@ -37,10 +37,7 @@ class DemosConfig:
     """Parallel simulator processes."""
 
     def __post_init__(self) -> None:
-        if self.tasks is not None:
-            bad = [t for t in self.tasks if not isinstance(t, int) or not 0 <= t < NUM_TASKS]
-            if bad or not self.tasks:
-                raise ValueError(f"demos.tasks must be a non-empty list of task indices in 0..{NUM_TASKS - 1}, got {self.tasks}")
+        task_indices(self.tasks, "demos.tasks")
         if self.attempts_per_task < 1:
             raise ValueError(f"demos.attempts_per_task must be at least 1, got {self.attempts_per_task}")
         if self.max_steps < 1:
@@ -50,7 +47,7 @@ class DemosConfig:
 
     @property
     def task_indices(self) -> list[int]:
-        return list(range(NUM_TASKS)) if self.tasks is None else list(self.tasks)
+        return task_indices(self.tasks, "demos.tasks")
 
 
 

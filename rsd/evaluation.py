@@ -17,7 +17,7 @@ import numpy as np
 from rsd.engine import Prediction
 from rsd.parallel import run_unordered
 from rsd.progress import Progress
-from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig
+from rsd.sim.env import LiberoEnv, SimConfig, task_indices
 
 log = logging.getLogger("rsd.eval")
 
@@ -42,8 +42,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.init_states <= 50:
             raise ValueError(f"eval.init_states must be in 1..50 (LIBERO's init states per task), got {self.init_states}")
-        if self.tasks is not None and (not self.tasks or any(not 0 <= t < NUM_TASKS for t in self.tasks)):
-            raise ValueError(f"eval.tasks must be a non-empty list of task indices in 0..{NUM_TASKS - 1}, got {self.tasks}")
+        task_indices(self.tasks, "eval.tasks")
         if not 1 <= self.execute_steps <= 8:
             raise ValueError(f"eval.execute_steps must be in 1..8 (the chunk length), got {self.execute_steps}")
         if self.workers < 1:
@@ -51,7 +50,7 @@ class EvalConfig:
 
     @property
     def task_indices(self) -> list[int]:
-        return list(range(NUM_TASKS)) if self.tasks is None else list(self.tasks)
+        return task_indices(self.tasks, "eval.tasks")
 
 
 @dataclass

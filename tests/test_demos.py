@@ -30,6 +30,8 @@ def test_stage_writes_libero_layout_that_reads_back(stage_run):
     (path,) = demo_files(out)
     task = read_task_demos(path)
     assert "black bowl" in task.instruction
+    # relative to LIBERO's bddl_files folder: the same demos written on another machine are the same bytes
+    assert task.bddl_file.startswith("libero_spatial/") and task.bddl_file.endswith(".bddl"), task.bddl_file
     assert len(task.demos) == metrics["kept"]
     demo = task.demos[0]
     T = len(demo)
@@ -74,9 +76,19 @@ def test_missing_and_corrupt_demo_files_are_named(tmp_path):
         read_demos(tmp_path)
 
 
+@pytest.mark.parametrize("tasks", [[12], [], [True], ["3"], 3])
+def test_task_lists_are_checked_by_every_stage(tasks) -> None:
+    from rsd.bench import BenchConfig
+    from rsd.collect import CollectConfig
+    from rsd.evaluation import EvalConfig
+
+    for name, config in (("demos", DemosConfig), ("collect", CollectConfig), ("eval", EvalConfig), ("bench", BenchConfig)):
+        with pytest.raises(ValueError, match=rf"{name}\.tasks must be null or a non-empty list of task indices in 0\.\.9"):
+            config(tasks=tasks)
+    assert DemosConfig(tasks=[2, 0]).task_indices == [2, 0] and EvalConfig().task_indices == list(range(10))
+
+
 def test_bad_demos_params_are_refused():
-    with pytest.raises(ValueError, match="demos.tasks"):
-        DemosConfig(tasks=[12])
     with pytest.raises(ValueError, match="demos.attempts_per_task"):
         DemosConfig(attempts_per_task=0)
     with pytest.raises(ValueError, match="demos.bogus"):

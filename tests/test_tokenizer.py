@@ -98,11 +98,30 @@ def test_round_trip_meets_bound_after_short_training(trained, test_chunks) -> No
 def test_metrics_are_complete_and_split_by_episode(trained) -> None:
     _, metrics = trained
     num_layers = metrics["num_layers"]
-    for key in ("mae_by_layers", "max_error_by_layers", "codebook_usage"):
+    for key in ("mae_by_layers", "max_error_by_layers", "codebook_usage", "codebook_perplexity", "no_correction_share"):
         assert len(metrics[key]) == num_layers
     assert metrics["val_episodes"] == round(0.1 * 24) and metrics["train_episodes"] == 24 - metrics["val_episodes"]
     assert metrics["train_chunks"] + metrics["val_chunks"] == sum(len(e) for e in synthetic_episodes(24, seed=1))
     assert metrics["train_seconds"] > 0
+
+
+def test_fine_residual_weight_makes_fine_codes_mostly_no_correction(trained) -> None:
+    """Without the penalty the fine layers' codes are near-uniform digits; with it, layers 1..L-2 mostly
+    hold the middle level ("no correction"), while the full prefix still decodes well."""
+    tokenizer, plain = trained
+    sparse_tokenizer, sparse = train_tokenizer(synthetic_episodes(24, seed=1),
+                                               TokenizerConfig(**SMALL, fine_residual_weight=5.0), progress=False)
+    chunks = chunks_of(synthetic_episodes(4, seed=2), chunk_len=8)
+    middle = tokenizer.config.levels // 2
+
+    def no_correction_share(t: RFSQTokenizer) -> list[float]:
+        return (t.encode(chunks) == middle).float().mean(dim=(0, 1, 2)).tolist()  # per layer
+
+    assert evaluate_tokenizer(tokenizer, chunks)["no_correction_share"] == pytest.approx(no_correction_share(tokenizer))
+    for layer in (1, 2):
+        assert sparse["codebook_perplexity"][layer] < plain["codebook_perplexity"][layer] - 0.3
+        assert no_correction_share(sparse_tokenizer)[layer] > no_correction_share(tokenizer)[layer] + 0.1
+    assert sparse["mae_by_layers"][-1] <= 0.03
 
 
 def test_every_prefix_decodes_and_error_does_not_grow_with_k(trained, test_chunks) -> None:
@@ -166,6 +185,7 @@ def test_encode_rejects_bad_actions(trained, actions: torch.Tensor) -> None:
     ("chunk_len", 0), ("action_dim", 6), ("latent_dim", -1), ("levels", 6), ("levels", 1), ("num_layers", 0),
     ("hidden_dim", 2.5), ("steps", True), ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")),
     ("warmup_steps", 10_000), ("weight_decay", -1.0), ("first_layer_loss_weight", 0.0), ("val_fraction", 0.0),
+    ("fine_residual_weight", -0.1),
     ("val_fraction", 1.0), ("seed", "0"),
 ])
 def test_bad_config_names_the_field(field: str, value: object) -> None:

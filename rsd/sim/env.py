@@ -93,6 +93,17 @@ def _bddl_path(task: benchmark.Task) -> str:
     return os.path.normpath(os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file))
 
 
+def task_indices(tasks: list[int] | None, param: str) -> list[int]:
+    """The suite's task indices a stage covers: all of them for None, else `tasks`, checked; `param` names
+    the setting in the error (e.g. "eval.tasks")."""
+    if tasks is None:
+        return list(range(NUM_TASKS))
+    if not isinstance(tasks, (list, tuple)) or not tasks or any(
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < NUM_TASKS for t in tasks):
+        raise ValueError(f"{param} must be null or a non-empty list of task indices in 0..{NUM_TASKS - 1}, got {tasks!r}")
+    return list(tasks)
+
+
 def _check_task_index(task_index: Any) -> None:
     if isinstance(task_index, bool) or not isinstance(task_index, (int, np.integer)) or not 0 <= task_index < NUM_TASKS:
         raise ValueError(f"task_index must be an int in 0..{NUM_TASKS - 1} ({SUITE}), got {task_index!r}")
@@ -148,10 +159,10 @@ class LiberoEnv:
 
     @staticmethod
     def task_info(task_index: int) -> tuple[str, str, str]:
-        """(task name, instruction, BDDL file path) of a task, without building its simulator."""
+        """(task name, instruction, BDDL file relative to LIBERO's bddl_files folder) of a task, without building its simulator."""
         _check_task_index(task_index)
         task = _suite().get_task(task_index)
-        return task.name, task.language, _bddl_path(task)
+        return task.name, task.language, os.path.join(task.problem_folder, task.bddl_file)
 
     @property
     def instruction(self) -> str:

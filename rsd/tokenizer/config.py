@@ -37,6 +37,11 @@ class TokenizerConfig:
     warmup_steps: int = 200  # linear warmup steps
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     first_layer_loss_weight: float = 0.5  # loss weight of the 1-layer prefix; every other prefix weighs 1
+    # L1 weight on what the layers before each of layers 1..L-2 leave over (latent units). Without it a fine
+    # layer's codes are the next "digits" of a continuous latent, uniform over the levels (perplexity 7.0):
+    # noise that neither the main policy nor a draft can predict. With it most fine codes mean "no correction"
+    # and the rest follow the action; the last layer stays free to take up what is left.
+    fine_residual_weight: float = 0.0
     val_fraction: float = 0.1  # share of EPISODES held out for the metrics (chunks of one episode overlap)
     seed: int = 0  # seeds the split, the initialization and the batches
 
@@ -53,6 +58,8 @@ class TokenizerConfig:
         _check(self, "weight_decay", _is_real(self.weight_decay) and self.weight_decay >= 0, ">= 0")
         _check(self, "first_layer_loss_weight", _is_real(self.first_layer_loss_weight)
                and self.first_layer_loss_weight > 0, "> 0")
+        _check(self, "fine_residual_weight", _is_real(self.fine_residual_weight) and self.fine_residual_weight >= 0,
+               ">= 0")
         _check(self, "val_fraction", _is_real(self.val_fraction) and 0 < self.val_fraction < 1, "in (0, 1)")
         _check(self, "seed", _is_int(self.seed), "an int")
 

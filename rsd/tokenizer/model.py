@@ -90,8 +90,9 @@ class RFSQTokenizer(nn.Module):
 
     # --- training path ---------------------------------------------------------------------------------
 
-    def forward(self, actions_norm: Tensor) -> Tensor:
-        """Reconstruct normalized chunks `[B, 8, 7]` from every layer prefix: `[L, B, 8, 7]`, prefix k at index k-1.
+    def forward(self, actions_norm: Tensor) -> tuple[Tensor, Tensor]:
+        """Reconstruct normalized chunks `[B, 8, 7]` from every layer prefix -> (`[L, B, 8, 7]`, prefix k at
+        index k-1; the mean absolute residual entering each of layers 1..L-2, summed over them: a scalar).
 
         Every prefix carries ResidualFSQ's straight-through gradient to the encoder, so the encoder is
         shaped by the coarse reconstructions as well as by the fine one.
@@ -101,9 +102,11 @@ class RFSQTokenizer(nn.Module):
         z = self.encoder(actions_norm.reshape(batch, -1)).view(batch, -1, 1)  # [B, 128, 1]
         quantized, _, codes = self.quantizer(z, return_all_codes=True)  # [B, 128, 1], _, [L, B, 128, 1]
         prefixes = codes.cumsum(dim=0)  # [L, B, 128, 1]: values of layers 0..k-1, no gradient
+        # what layers 0..l-1 leave for layer l, l = 1..L-2; the codes' straight-through gradient reaches z
+        fine_residual = (z - prefixes[: c.num_layers - 2]).abs().mean(dim=(1, 2, 3)).sum()  # 0 when L <= 2
         prefixes = quantized + (prefixes - quantized).detach()  # values of the prefixes, gradient of the full code
         recon = self.decoder(prefixes.reshape(c.num_layers * batch, -1))  # [L*B, 56]
-        return recon.view(c.num_layers, batch, c.chunk_len, c.action_dim)
+        return recon.view(c.num_layers, batch, c.chunk_len, c.action_dim), fine_residual
 
     # --- inference ---------------------------------------------------------------------------------------
 

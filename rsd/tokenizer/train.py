@@ -54,6 +54,8 @@ def evaluate_tokenizer(tokenizer: RFSQTokenizer, chunks: torch.Tensor) -> dict[s
         "codebook_usage": ((counts > 0).sum(dim=1) / levels).tolist(),
         # exp(entropy), in levels: 7 when all 7 are equally frequent; usage alone counts a level seen once
         "codebook_perplexity": entropy.exp().tolist(),
+        # share of codes at the middle level, "no correction": what fine_residual_weight raises in layers >= 1
+        "no_correction_share": share[:, levels // 2].tolist(),
     }
 
 
@@ -62,7 +64,8 @@ def fit(tokenizer: RFSQTokenizer, x_train: torch.Tensor, progress: bool) -> floa
 
     The loss is the L1 error (the metric's own units) averaged over every layer prefix k = 1..L, so that
     each prefix decodes well; the 1-layer prefix is down-weighted (`first_layer_loss_weight`) because
-    serving it well costs precision in all the others.
+    serving it well costs precision in all the others. `fine_residual_weight` adds the residuals left to
+    the fine layers, which makes their codes predictable (see TokenizerConfig).
     """
     config = tokenizer.config
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -83,8 +86,9 @@ def fit(tokenizer: RFSQTokenizer, x_train: torch.Tensor, progress: bool) -> floa
     with Progress(config.steps, "tokenizer", enabled=progress) as bar:
         for step in range(config.steps):
             batch = x_train[torch.randint(len(x_train), (config.batch_size,), generator=generator)]  # [B, 8, 7]
-            prefix_errors = (tokenizer(batch) - batch).abs().mean(dim=(1, 2, 3))  # [L]: [L, B, 8, 7] vs [B, 8, 7]
-            loss = (prefix_weights * prefix_errors).sum()
+            recon, fine_residual = tokenizer(batch)  # [L, B, 8, 7], scalar
+            prefix_errors = (recon - batch).abs().mean(dim=(1, 2, 3))  # [L]
+            loss = (prefix_weights * prefix_errors).sum() + config.fine_residual_weight * fine_residual
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
