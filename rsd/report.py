@@ -20,6 +20,7 @@ from rsd.io import atomic_path
 
 SOURCES = {
     "demos": "demos",
+    "tokenizer": "tokenizer",
     "policy": "policy",
     "collect": "collect",
     "train": "train",
@@ -241,7 +242,9 @@ def render(m: Metrics, config: ReportConfig, checks: list[tuple[str, bool]]) -> 
     for task, rate in nd["per_task"].items():
         other = d["per_task"].get(task)
         lines.append(f"| {_short(task)} | {_pct(rate)} | {'—' if other is None else _pct(other)} |")
-    demos, policy, collect, train = (m.data[k] for k in ("demos", "policy", "collect", "train"))
+    demos, tokenizer, policy, collect, train = (m.data[k] for k in ("demos", "tokenizer", "policy", "collect", "train"))
+    tokenizer_mae = " / ".join(f"{v:.4f}" for v in tokenizer["mae_by_layers"])
+    no_correction = " / ".join(f"{v:.2f}" for v in tokenizer["no_correction_share"])
     per_layer = " / ".join(f"{v:.3f}" for v in train["val_accuracies_per_layer"])
     policy_acc = " / ".join(f"{v:.3f}" for v in policy["val_token_accuracy_per_layer"])
     lines += [
@@ -254,6 +257,8 @@ def render(m: Metrics, config: ReportConfig, checks: list[tuple[str, bool]]) -> 
         "| --- | --- |",
         f"| Date (draft trained) | {m.date('train')} |",
         f"| Demonstrations | {demos['kept']} episodes kept of {demos['episodes']} ({demos.get('source', 'expert')}) |",
+        f"| RFSQ tokenizer | {tokenizer['num_layers']} layers; round-trip error (normalized actions) with the first "
+        f"1..{tokenizer['num_layers']} layers {tokenizer_mae}; share of \"no correction\" codes per layer {no_correction} |",
         f"| Main policy | {policy['epochs']} epochs, {policy['train_seconds'] / 60:.1f} min, {policy['parameters'] / 1e6:.2f}M "
         f"parameters, val token accuracy per layer {policy_acc} |",
         f"| Draft samples | {collect['samples']:,} from {collect['episodes']} main-policy episodes |",

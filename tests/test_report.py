@@ -42,6 +42,8 @@ def write_metrics(root: Path, draft_successes: int = 10, speedup: float = 1.37) 
              "observations": 200, "repetitions": 5}
     files = {
         "demos": {"source": "expert", "episodes": 200, "kept": 196},
+        "tokenizer": {"num_layers": 4, "mae_by_layers": [0.04, 0.01, 0.0045, 0.0043],
+                      "no_correction_share": [0.61, 0.83, 0.52, 0.15]},
         "policy": {"val_token_accuracy_per_layer": [0.75, 0.62, 0.25, 0.17], "epochs": 14, "train_seconds": 1500.0,
                    "parameters": 2800448},
         "collect": {"samples": 17543, "episodes": 80},
@@ -77,6 +79,8 @@ def test_report_reads_every_number_from_the_metrics(tmp_path):
                      "| next to the plate | 83.3% | 83.3% |",
                      "| Date (draft trained) | 2026-11-26 |",
                      "196 episodes kept of 200",
+                     "1..4 layers 0.0400 / 0.0100 / 0.0045 / 0.0043; share of \"no correction\" codes per layer "
+                     "0.61 / 0.83 / 0.52 / 0.15 |",
                      "17,543 from 80 main-policy episodes",
                      "| Best val accuracy | 0.877 (epoch 44; per layer 0.950 / 0.880 / 0.800) |",
                      "- [x] Speedup ≥ 1.3× (strict: 1.37×",
