@@ -90,7 +90,8 @@ def accepted_share(args: argparse.Namespace, layers: int) -> tuple[list[float], 
         share, source = list(args.accepted_share), "command line"
     elif args.bench.is_file():
         share = json.loads(args.bench.read_text())["strict"]["accepted_layers_share"]
-        source = str(args.bench)
+        bench = args.bench.resolve()  # named relative to the repository, as the result is committed
+        source = str(bench.relative_to(ROOT)) if bench.is_relative_to(ROOT) else bench.name
     else:
         raise SystemExit(f"no --accepted-share given and {args.bench} (the LIBERO benchmark) is missing")
     if len(share) != layers or any(s < 0 for s in share) or abs(sum(share) - 1) > 1e-3:
