@@ -102,7 +102,7 @@ class RFSQTokenizer(nn.Module):
         z = self.encoder(actions_norm.reshape(batch, -1)).view(batch, -1, 1)  # [B, 128, 1]
         quantized, _, codes = self.quantizer(z, return_all_codes=True)  # [B, 128, 1], _, [L, B, 128, 1]
         prefixes = codes.cumsum(dim=0)  # [L, B, 128, 1]: values of layers 0..k-1, no gradient
-        # what layers 0..l-1 leave for layer l, l = 1..L-2; the codes' straight-through gradient reaches z
+        # what layers 0..l-1 leave for layer l, l = 1..L-2; its gradient pulls z toward those layers' grid
         fine_residual = (z - prefixes[: c.num_layers - 2]).abs().mean(dim=(1, 2, 3)).sum()  # 0 when L <= 2
         prefixes = quantized + (prefixes - quantized).detach()  # values of the prefixes, gradient of the full code
         recon = self.decoder(prefixes.reshape(c.num_layers * batch, -1))  # [L*B, 56]
