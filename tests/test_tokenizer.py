@@ -105,19 +105,18 @@ def test_metrics_are_complete_and_split_by_episode(trained) -> None:
     assert metrics["train_seconds"] > 0
 
 
-def test_fine_residual_weight_makes_fine_codes_mostly_no_correction(trained) -> None:
+def test_fine_residual_weight_makes_fine_codes_mostly_no_correction(trained, test_chunks) -> None:
     """Without the penalty the fine layers' codes are near-uniform digits; with it, layers 1..L-2 mostly
     hold the middle level ("no correction"), while the full prefix still decodes well."""
     tokenizer, plain = trained
     sparse_tokenizer, sparse = train_tokenizer(synthetic_episodes(24, seed=1),
                                                TokenizerConfig(**SMALL, fine_residual_weight=5.0), progress=False)
-    chunks = chunks_of(synthetic_episodes(4, seed=2), chunk_len=8)
     middle = tokenizer.config.levels // 2
 
     def no_correction_share(t: RFSQTokenizer) -> list[float]:
-        return (t.encode(chunks) == middle).float().mean(dim=(0, 1, 2)).tolist()  # per layer
+        return (t.encode(test_chunks) == middle).float().mean(dim=(0, 1, 2)).tolist()  # per layer
 
-    assert evaluate_tokenizer(tokenizer, chunks)["no_correction_share"] == pytest.approx(no_correction_share(tokenizer))
+    assert evaluate_tokenizer(tokenizer, test_chunks)["no_correction_share"] == pytest.approx(no_correction_share(tokenizer))
     for layer in (1, 2):
         assert sparse["codebook_perplexity"][layer] < plain["codebook_perplexity"][layer] - 0.3
         assert no_correction_share(sparse_tokenizer)[layer] > no_correction_share(tokenizer)[layer] + 0.1
