@@ -6,6 +6,9 @@
 2. **Time.** In one process, after `warmup` untimed calls of each engine, every observation goes
    through the three engines `repetitions` times. The engines take turns, and the order rotates from
    one observation (and repetition) to the next, so a slow spell of the machine hits them alike.
+   A fourth engine times the ceiling: strict decoding with a perfect draft, one that always proposes
+   main's own codes (found per observation first, untimed) while still running the real draft model
+   for its cost. Its speedup is the most any draft of this size can give on this machine and policy.
 3. **Report.** Latency is the wall time of a whole `predict` call (inputs to action chunk, on CUDA
    synchronised at both ends). `no_draft_ms` and `draft_ms` are medians over all timed calls;
    `speedup` is their ratio. Its spread, `speedup_p10`/`speedup_p90`, is the 10th/90th percentile of
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rsd.engine import Prediction, RSDEngine
+from rsd.engine import PinnedDraft, Prediction, RSDEngine, perfect_proposal
 from rsd.evaluation import Agent, init_worker, rollout, worker_agent, worker_env
 from rsd.parallel import run_unordered
 from rsd.progress import Progress
@@ -166,6 +169,21 @@ def _quotas(total: int, tasks: list[int], available: dict[int, int]) -> dict[int
 # ---- 2. time ---------------------------------------------------------------------------------------
 
 
+class PerfectDraftEngine:
+    """Strict decoding whose draft proposes, for each known observation, main's own codes: the ceiling."""
+
+    def __init__(self, strict: RSDEngine, observations: list[dict[str, Any]], plain_tokens: list[Tensor]) -> None:
+        self.draft = PinnedDraft(strict.draft)
+        self.engine = RSDEngine(strict.policy, strict.tokenizer, self.draft, strict.config)
+        self.device = self.engine.device
+        self.proposals = {id(inputs): perfect_proposal(self.engine, self.draft, inputs, tokens)
+                          for inputs, tokens in zip(observations, plain_tokens)}
+
+    def predict(self, inputs: dict[str, Any]) -> Prediction:
+        self.draft.proposal = self.proposals[id(inputs)]
+        return self.engine.predict(inputs)
+
+
 @dataclass
 class Timings:
     """One engine's results over the observations."""
@@ -185,7 +203,7 @@ def _wall_ms(engine: RSDEngine, inputs: dict[str, Any]) -> tuple[float, Predicti
     return (time.perf_counter() - start) * 1e3, prediction
 
 
-def time_engines(engines: dict[str, RSDEngine], observations: list[dict[str, Any]], repetitions: int,
+def time_engines(engines: dict[str, RSDEngine | PerfectDraftEngine], observations: list[dict[str, Any]], repetitions: int,
                  warmup: int, progress: bool = True) -> dict[str, Timings]:
     """Each observation through every engine `repetitions` times, the engines' order rotating per call round."""
     names = list(engines)
@@ -298,11 +316,13 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
         torch.set_num_threads(config.threads)
     start = time.monotonic()
     try:
-        timed = time_engines(engines, observations, config.repetitions, config.warmup, progress)
+        plain_tokens = [engines["none"].predict(inputs).tokens for inputs in observations]
+        timed = time_engines({**engines, "perfect": PerfectDraftEngine(engines["strict"], observations, plain_tokens)},
+                             observations, config.repetitions, config.warmup, progress)
     finally:
         torch.set_num_threads(threads)
     plain = timed["none"]
-    summaries = {mode: _mode_summary(timed[mode], plain) for mode in ("strict", "relaxed")}
+    summaries = {mode: _mode_summary(timed[mode], plain) for mode in ("strict", "relaxed", "perfect")}
 
     mismatches, near_ties, tie_layers = 0, 0, []
     for inputs, p, s in zip(observations, plain.first, timed["strict"].first):
@@ -338,6 +358,8 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
         "near_ties": summaries["strict"]["near_ties"],
         "strict": summaries["strict"],
         "relaxed": summaries["relaxed"],
+        "speedup_perfect_draft": summaries["perfect"]["speedup"],
+        "perfect": summaries["perfect"],
         "no_draft": {
             "ms": _r(np.median(plain_ms), 3),
             "p90_ms": _r(_percentile(plain_ms, 90), 3),
@@ -356,9 +378,10 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
     if tie_layers:
         result["near_tie_layers"] = sorted(set(tie_layers))
     log.info("bench on %s: no draft %.2f ms, %s %.2f ms (x%.3f, p10 %.3f, p90 %.3f), relaxed x%.3f; token "
-             "acceptance strict %.3f relaxed %.3f; strict mismatches %d (near-ties %d)", result["device"],
-             result["no_draft_ms"], primary, result["draft_ms"], result["speedup"], result["speedup_p10"],
-             result["speedup_p90"], summaries["relaxed"]["speedup"], summaries["strict"]["token_acceptance"],
-             summaries["relaxed"]["token_acceptance"], mismatches, near_ties)
+             "acceptance strict %.3f relaxed %.3f; strict mismatches %d (near-ties %d); a perfect draft x%.3f",
+             result["device"], result["no_draft_ms"], primary, result["draft_ms"], result["speedup"],
+             result["speedup_p10"], result["speedup_p90"], summaries["relaxed"]["speedup"],
+             summaries["strict"]["token_acceptance"], summaries["relaxed"]["token_acceptance"], mismatches, near_ties,
+             result["speedup_perfect_draft"])
     return result
 

@@ -198,7 +198,9 @@ def _section_builders() -> dict[str, Callable[..., Any]]:
 
     def evaluation(p, section, _):
         from rsd.evaluation import EvalConfig
-        section(without(p, "eval", "acceptance", "tolerance"), "eval", EvalConfig)
+        from rsd.pipeline import ENGINE_PARAMS, draft_engine_config
+        draft_engine_config(p)
+        section(without(p, "eval", *ENGINE_PARAMS), "eval", EvalConfig)
 
     def bench(p, section, _):
         from rsd.bench import BenchConfig

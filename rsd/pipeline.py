@@ -5,12 +5,17 @@ can never drift apart. Output paths are fixed here and mirrored in dvc.yaml.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rsd.io import write_json
 from rsd.params import BaseConfig, load_params, section
+
+if TYPE_CHECKING:
+    from rsd.engine import EngineConfig
 
 log = logging.getLogger("rsd")
 
@@ -86,25 +91,32 @@ def run_policy(params_file: str | Path = "params.yaml") -> dict:
     return metrics
 
 
-def _draft_decoding(params: dict) -> tuple[str, int]:
-    """The draft variant's acceptance rule and relaxed tolerance (params `eval.acceptance`, `eval.tolerance`)."""
+ENGINE_PARAMS = {"acceptance": "mode", "tolerance": "tolerance", "draft_precision": "draft_precision"}
+"""params.yaml `eval` keys that configure the engine (-> EngineConfig fields), not the evaluator."""
+
+
+def draft_engine_config(params: dict) -> EngineConfig:
+    """The draft variant's engine: params `eval.acceptance`, `eval.tolerance`, `eval.draft_precision`."""
     from rsd.engine import EngineConfig
 
     values = params.get("eval") or {}
-    engine = EngineConfig(mode=values.get("acceptance", "strict"), tolerance=values.get("tolerance", 1))
+    try:
+        engine = EngineConfig(**{"mode": "strict", **{field: values[key] for key, field in ENGINE_PARAMS.items() if key in values}})
+    except ValueError as error:
+        raise ValueError(f"params: eval ({', '.join(ENGINE_PARAMS)}): {error}") from None
     if engine.mode == "none":
         raise ValueError("params: eval.acceptance must be strict or relaxed, got 'none'")
-    return engine.mode, engine.tolerance
+    return engine
 
 
 def _engine_factory(mode: str, draft: bool, params: dict):
     """A picklable factory that builds the engine in each worker process."""
     from functools import partial
 
-    from rsd.engine import EngineConfig, load_engine
+    from rsd.engine import load_engine
 
     base = section(params, "base", BaseConfig)
-    engine = EngineConfig(mode=mode, tolerance=_draft_decoding(params)[1])
+    engine = dataclasses.replace(draft_engine_config(params), mode=mode)
     return partial(load_engine, str(POLICY_CKPT), str(TOKENIZER_CKPT), str(DRAFT_CKPT) if draft else None, engine, base.torch_device())
 
 
@@ -162,9 +174,9 @@ def run_eval(variant: str, params_file: str | Path = "params.yaml") -> dict:
         raise ValueError(f"eval variant must be one of {', '.join(EVAL_VARIANTS)}; got {variant!r}")
     params = load_params(params_file)
     base = section(params, "base", BaseConfig)
-    values = {k: v for k, v in (params.get("eval") or {}).items() if k not in ("acceptance", "tolerance")}
+    values = {k: v for k, v in (params.get("eval") or {}).items() if k not in ENGINE_PARAMS}
     config = section({"eval": values}, "eval", EvalConfig)
-    mode = "none" if variant == "no_draft" else _draft_decoding(params)[0]
+    mode = "none" if variant == "no_draft" else draft_engine_config(params).mode
     metrics, _ = evaluate(_engine_factory(mode, variant == "draft", params), config, section(params, "sim", SimConfig))
     metrics = {**metrics, "device": base.torch_device(), "acceptance_mode": mode}
     write_json(METRICS / f"eval_{variant}.json", metrics)
@@ -176,20 +188,20 @@ def run_eval(variant: str, params_file: str | Path = "params.yaml") -> dict:
 def run_bench(params_file: str | Path = "params.yaml") -> dict:
     """Record real observations with the main policy, then time no-draft, strict and relaxed decoding on them."""
     from rsd.bench import MODES, BenchConfig, benchmark, record_observations
-    from rsd.engine import EngineConfig, load_engine
+    from rsd.engine import load_engine
     from rsd.sim.env import SimConfig
 
     params = load_params(params_file)
     base = section(params, "base", BaseConfig)
     config = section(params, "bench", BenchConfig)
-    primary, tolerance = _draft_decoding(params)
+    draft_engine = draft_engine_config(params)
     device = base.torch_device()
     start = time.monotonic()
     observations, recorded = record_observations(_engine_factory("none", False, params), config,
                                                  section(params, "sim", SimConfig), base.seed)
     engines = {mode: load_engine(str(POLICY_CKPT), str(TOKENIZER_CKPT), None if mode == "none" else str(DRAFT_CKPT),
-                                 EngineConfig(mode=mode, tolerance=tolerance), device) for mode in MODES}
-    metrics = benchmark(engines, [o.inputs for o in observations], config, primary)
+                                 dataclasses.replace(draft_engine, mode=mode), device) for mode in MODES}
+    metrics = benchmark(engines, [o.inputs for o in observations], config, draft_engine.mode)
     metrics = {**metrics, **recorded, "wall_seconds": round(time.monotonic() - start, 1)}
     write_json(METRICS / "bench.json", metrics)
     return metrics

@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from rsd.draft.model import RFSQDraftModelWithProjection  # noqa: E402
-from rsd.engine import EngineConfig, LeanDraft, RSDEngine  # noqa: E402
+from rsd.engine import EngineConfig, PinnedDraft, RSDEngine, perfect_proposal  # noqa: E402
 from rsd.policy.config import BackboneConfig, PolicyConfig, build_vocab  # noqa: E402
 from rsd.policy.model import MainPolicy  # noqa: E402
 from rsd.tokenizer.config import TokenizerConfig  # noqa: E402
@@ -48,20 +48,6 @@ INSTRUCTIONS = [
     "pick up the black bowl next to the ramekin and place it on the plate",
     "pick up the black bowl on the wooden cabinet and place it on the plate",
 ]
-
-
-class PinnedDraft(nn.Module):
-    """Runs the real draft model (for its cost), then returns the proposal set for this call."""
-
-    def __init__(self, draft: RFSQDraftModelWithProjection) -> None:
-        super().__init__()
-        self.inner, self.config = draft, draft.config
-        self.lean = LeanDraft.from_draft(draft)
-        self.proposal: Tensor | None = None
-
-    def propose(self, hidden: Tensor) -> Tensor:
-        computed = (self.lean or self.inner).propose(hidden)  # [1, K, 128], the real work
-        return computed if self.proposal is None else self.proposal
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -130,19 +116,6 @@ def observations(n: int, size: int, seed: int) -> list[dict[str, Any]]:
              "instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)]} for i in range(n)]
 
 
-def oracle(engine: RSDEngine, draft: PinnedDraft, inputs: dict[str, Any], plain: Tensor) -> Tensor:
-    """Main's codes [1, K, 128] as the verify pass sees them: a proposal strict mode keeps whole."""
-    K = draft.config.num_coarse_layers
-    proposal = plain.flatten(0, 1).T[None, :K].clone()
-    for _ in range(K + 1):
-        draft.proposal = proposal
-        prediction = engine.predict(inputs)
-        if prediction.stats["accepted_layers"] == K - 1:
-            return proposal
-        proposal = prediction.tokens.flatten(0, 1).T[None, :K].clone()
-    raise RuntimeError("could not find a proposal the verify pass accepts whole")
-
-
 def pinned(proposal: Tensor, k: int) -> Tensor:
     """Layers 1..k as main's, layer k+1 (if any) with one code changed: strict keeps exactly k layers."""
     out = proposal.clone()
@@ -195,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plain_engine.predict(obs[i % len(obs)])
     plain = [plain_engine.predict(o) for o in obs]
     peak_plain = _peak_gb()
-    oracles = [oracle(spec_engine, pinned_draft, o, p.tokens) for o, p in zip(obs, plain)]
+    oracles = [perfect_proposal(spec_engine, pinned_draft, o, p.tokens) for o, p in zip(obs, plain)]
     # observations whose coarse codes from the multi-position verify pass differ from one-position decoding
     mismatches = sum(not torch.equal(o.flatten(), p.tokens.flatten(0, 1).T[:K].flatten()) for o, p in zip(oracles, plain))
     for i in range(args.warmup):

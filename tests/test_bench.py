@@ -49,6 +49,11 @@ def test_benchmark_reports_both_modes(engines):
     assert metrics["strict"]["action_mismatches"] == metrics["near_ties"] == 0  # lossless
     assert metrics["token_acceptance"] == metrics["strict"]["token_acceptance"]
     assert metrics["relaxed"]["tolerance"] == 1 and metrics["relaxed"]["mean_action_deviation"] >= 0
+    # the ceiling: a perfect draft has every proposed layer kept, at the real draft's cost
+    perfect = metrics["perfect"]
+    assert perfect["accepted_layers_per_chunk"] == 2 and perfect["main_passes_per_chunk"] == 2
+    assert perfect["token_acceptance"] == 1.0 and perfect["draft_model_ms"] > 0
+    assert metrics["speedup_perfect_draft"] == perfect["speedup"]
 
 
 def test_benchmark_refuses_missing_engines(engines):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rsd.engine import EngineConfig, RSDEngine
+from rsd.pipeline import draft_engine_config
 from rsd.policy import MainPolicy, PolicyConfig, build_vocab
 from rsd.tokenizer.config import TokenizerConfig
 from rsd.tokenizer.model import RFSQTokenizer
@@ -113,3 +114,15 @@ def test_engine_refuses_mismatched_parts(parts):
         RSDEngine(policy, tokenizer, ScriptedDraft(128, torch.zeros(1, 3, 128, dtype=torch.long)), EngineConfig(mode="strict"))
     with pytest.raises(ValueError, match="engine mode"):
         EngineConfig(mode="fast")
+    with pytest.raises(ValueError, match="draft_precision must be one of fp32, bf16; got 'fp16'"):
+        EngineConfig(mode="strict", draft_precision="fp16")
+
+
+def test_eval_params_configure_the_draft_engine():
+    engine = draft_engine_config({"eval": {"acceptance": "relaxed", "tolerance": 2, "draft_precision": "bf16", "init_states": 6}})
+    assert (engine.mode, engine.tolerance, engine.draft_precision) == ("relaxed", 2, "bf16")
+    assert draft_engine_config({}).mode == "strict"
+    with pytest.raises(ValueError, match="eval.acceptance must be strict or relaxed"):
+        draft_engine_config({"eval": {"acceptance": "none"}})
+    with pytest.raises(ValueError, match="params: eval .*draft_precision must be one of fp32, bf16; got 'int8'"):
+        draft_engine_config({"eval": {"draft_precision": "int8"}})

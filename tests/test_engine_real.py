@@ -98,14 +98,19 @@ def test_strict_mode_decodes_no_draft_tokens_on_real_observations(parts, observa
     assert {0, 1, 2} <= set(accepted), f"acceptance paths not all exercised: {accepted}"
 
 
-def test_strict_mode_with_a_real_draft_model(parts, observations):
-    """The draft model class itself (through the engine's lean path), untrained: strict decoding is unchanged."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_strict_mode_with_a_real_draft_model(parts, observations, precision):
+    """The draft model class itself (through the engine's lean path), untrained, in either precision: strict
+    decoding is unchanged, and the caller's draft model is left in float32."""
     policy, tokenizer = parts
     torch.manual_seed(1)
     draft = RFSQDraftModelWithProjection(policy.config.backbone.hidden_size, hidden_dim=128, num_heads=4, ff_dim=256)
     plain_engine = RSDEngine(policy, tokenizer)
-    strict = RSDEngine(policy, tokenizer, draft, EngineConfig(mode="strict"))
+    strict = RSDEngine(policy, tokenizer, draft, EngineConfig(mode="strict", draft_precision=precision))
     assert strict._propose.__self__.__class__.__name__ == "LeanDraft"
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert strict.draft.input_projection.weight.dtype == expected
+    assert draft.input_projection.weight.dtype == torch.float32
     near_ties = 0
     for inputs in observations[:4]:
         plain, spec = plain_engine.predict(inputs), strict.predict(inputs)

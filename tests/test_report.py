@@ -38,6 +38,7 @@ def write_metrics(root: Path, draft_successes: int = 10, speedup: float = 1.37) 
              "near_ties": 1, "strict": {**_mode(17.6, speedup, 0.734), "action_mismatches": 1, "near_ties": 1},
              "relaxed": {**_mode(16.2, 1.49, 0.912), "tolerance": 1, "token_mismatches": 40,
                          "mean_action_deviation": 0.0123, "max_action_deviation": 0.2},
+             "perfect": {**_mode(15.1, 1.6, 1.0), "accepted_layers_per_chunk": 2.0},
              "no_draft": {"ms": 24.1, "p90_ms": 27.0, "main_ms": 21.0, "main_passes_per_chunk": 4.0},
              "observations": 200, "repetitions": 5}
     files = {
@@ -76,6 +77,8 @@ def test_report_reads_every_number_from_the_metrics(tmp_path):
                      "| Draft Acceptance | — | 0.734 | ≥ 0.60 | ✅ |",
                      "| Memory (peak) | 1.87 GB | 1.87 GB | for reference | — |",
                      "| relaxed (±1) | 16.20 | 1.49× (1.29–1.59) | 0.912 |",
+                     "| strict, perfect draft (ceiling) | 15.10 | 1.60× (1.40–1.70) | 1.000 |",
+                     "its 1.60× is the most any draft can give",
                      "| next to the plate | 83.3% | 83.3% |",
                      "| Date (draft trained) | 2026-11-26 |",
                      "196 episodes kept of 200",
