@@ -4,11 +4,12 @@
    seed stream: never the demos', the draft samples' or the benchmark's evaluation init states); the
    observation of every policy call is kept, then thinned evenly to `observations` across the tasks.
 2. **Time.** In one process, after `warmup` untimed calls of each engine, every observation goes
-   through the three engines `repetitions` times. The engines take turns, and the order rotates from
-   one observation (and repetition) to the next, so a slow spell of the machine hits them alike.
-   A fourth engine times the ceiling: strict decoding with a perfect draft, one that always proposes
-   main's own codes (found per observation first, untimed) while still running the real draft model
-   for its cost. Its speedup is the most any draft of this size can give on this machine and policy.
+   through every engine `repetitions` times. The engines take turns, and the order rotates from one
+   observation (and repetition) to the next, so a slow spell of the machine hits them alike. Besides
+   no-draft, strict and relaxed decoding, a fourth engine times the ceiling: strict decoding with a
+   perfect draft, one that always proposes main's own codes (found per observation first, untimed)
+   while still running the real draft model for its cost. Its speedup is the most any draft of this
+   size can give this policy on this machine.
 3. **Report.** Latency is the wall time of a whole `predict` call (inputs to action chunk, on CUDA
    synchronised at both ends). `no_draft_ms` and `draft_ms` are medians over all timed calls;
    `speedup` is their ratio. Its spread, `speedup_p10`/`speedup_p90`, is the 10th/90th percentile of

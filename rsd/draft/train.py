@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsd.draft.config import DraftConfig, DraftTrainConfig
+from rsd.draft.config import DraftConfig, DraftTrainConfig, lr_factor
 from rsd.draft.model import FORMAT_VERSION, RFSQDraftModelWithProjection, num_parameters
 from rsd.draft.samples import DraftSamples
 from rsd.io import save_torch
@@ -126,7 +126,7 @@ def train_draft(samples: DraftSamples, model_config: DraftConfig, train_config: 
     """Train a draft on `samples`, keeping at `checkpoint_path` the epoch with the best average validation
     accuracy; return the run's metrics (for metrics/train.json).
 
-    Cross entropy over all coarse codes, AdamW at a constant learning rate, validation on held-out
+    Cross entropy over all coarse codes, AdamW at a constant or cosine learning rate, validation on held-out
     episodes after every epoch. `live` (a `dvclive.Live`) gets the same numbers as the log, one step
     per epoch. Same seed, same device and thread count -> same checkpoint.
     """
@@ -149,6 +149,8 @@ def train_draft(samples: DraftSamples, model_config: DraftConfig, train_config: 
 
     E, B = train_config.epochs, train_config.batch_size
     steps_per_epoch = -(-len(train_idx) // B)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(train_config.lr_schedule, step, E * steps_per_epoch))
     best: dict[str, Any] = {"val_accuracy": -1.0}
     for epoch in range(1, E + 1):
         model.train()
@@ -165,6 +167,7 @@ def train_draft(samples: DraftSamples, model_config: DraftConfig, train_config: 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                scheduler.step()
                 train.add(logits.detach(), y, loss)
                 bar.update(1, loss=f"{loss.item():.3f}")
 
