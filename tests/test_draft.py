@@ -17,6 +17,7 @@ import torch
 from rsd.draft import (DraftConfig, DraftSamples, DraftTrainConfig, DraftVerificationError,
                        RFSQDraftModelWithProjection, VerifyConfig, load_draft, require_verified, train_draft,
                        verify_checkpoint)
+from rsd.draft.config import lr_factor
 from rsd.draft.model import num_parameters
 
 H = 32  # hidden size of the synthetic main policy: small keeps training fast
@@ -87,7 +88,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     logger.setLevel(logging.INFO)
     try:
         metrics = train_draft(synthetic_samples(), DraftConfig(input_dim=H, **SMALL),
-                              DraftTrainConfig(epochs=8, batch_size=16, lr=5e-3, seed=0), path, live)
+                              DraftTrainConfig(epochs=8, batch_size=16, lr=5e-3, lr_schedule="cosine", seed=0), path, live)
     finally:
         logger.removeHandler(capture)
     return {"path": path, "metrics": metrics, "lines": capture.lines, "live": live}
@@ -199,11 +200,22 @@ def test_configs_name_the_bad_field() -> None:
         DraftTrainConfig(lr=0)
     with pytest.raises(ValueError, match="val_fraction"):
         DraftTrainConfig(val_fraction=1.0)
+    with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'cosine', got 'linear'"):
+        DraftTrainConfig(lr_schedule="linear")
     with pytest.raises(ValueError, match="min_val_accuracy"):
         VerifyConfig(min_val_accuracy=1.5)
 
 
 # ---- training -----------------------------------------------------------------------------------------
+
+def test_cosine_schedule_warms_up_then_decays_to_zero() -> None:
+    total, warmup = 200, 10  # warmup is 5% of the steps
+    factors = [lr_factor("cosine", step, total) for step in range(total)]
+    assert factors[0] == pytest.approx(1 / warmup) and factors[warmup - 1] == 1.0
+    assert all(a >= b for a, b in zip(factors[warmup - 1:], factors[warmup:]))
+    assert factors[-1] == pytest.approx(0.0, abs=1e-12) and factors[total // 2] == pytest.approx(0.5, abs=0.05)
+    assert {lr_factor("constant", step, total) for step in range(total)} == {1.0}
+
 
 def test_training_learns_and_writes_the_checkpoint(trained: dict[str, Any]) -> None:
     metrics = trained["metrics"]
