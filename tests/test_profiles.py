@@ -33,6 +33,7 @@ def test_full_is_the_original_recipes_scale() -> None:
     # the recipe's 60,000+ draft samples at one per step: episodes last ~100 steps (220 at most)
     assert full["collect"]["tasks"] is None and full["collect"]["episodes_per_task"] * 10 * 100 >= 60_000
     assert (full["train"]["epochs"], full["train"]["batch_size"], full["train"]["lr"]) == (50, 32, 1e-4)
+    assert full["train"]["lr_schedule"] == "constant"
     assert full["eval"]["tasks"] is None and full["eval"]["init_states"] == 50
     assert full["sim"]["max_steps"] == 220 and full["verify"]["min_val_accuracy"] == 0.85
 

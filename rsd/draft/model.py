@@ -75,7 +75,8 @@ class RFSQDraftModelWithProjection(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden [B, input_dim] -> logits [B, num_coarse_layers, chunk_len * latent_dim, levels]."""
         c = self.config
-        x = self.decoder(self.input_projection(hidden.to(self.input_projection.weight.dtype)))  # [B, Q, D], Q = layers x timesteps, layer-major
+        hidden = hidden.to(self.input_projection.weight.dtype)  # the engine may run the draft in bf16
+        x = self.decoder(self.input_projection(hidden))  # [B, Q, D], Q = layers x timesteps, layer-major
         logits = self.head(x)  # [B, Q, latent_dim * levels]
         return logits.view(-1, c.num_coarse_layers, c.codes_per_layer, c.levels)  # (t, d, k) -> (t*16+d, k)
 
