@@ -186,7 +186,8 @@ def run_eval(variant: str, params_file: str | Path = "params.yaml") -> dict:
 
 
 def run_bench(params_file: str | Path = "params.yaml") -> dict:
-    """Record real observations with the main policy, then time no-draft, strict and relaxed decoding on them."""
+    """Record real observations with the main policy, then time no-draft, strict, relaxed and perfect-draft
+    decoding on them."""
     from rsd.bench import MODES, BenchConfig, benchmark, record_observations
     from rsd.engine import load_engine
     from rsd.sim.env import SimConfig
