@@ -13,7 +13,7 @@ import numpy as np
 from rsd.data import Demo, TaskDemos, demo_files, demo_path, read_task_demos, write_task_demos
 from rsd.parallel import run_unordered
 from rsd.progress import Progress
-from rsd.sim.env import LiberoEnv, SimConfig, placement_seed, task_indices
+from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig, placement_seed, task_indices
 from rsd.sim.expert import rollout_expert
 
 log = logging.getLogger("rsd.demos")
@@ -31,6 +31,9 @@ class DemosConfig:
     """libero_spatial task indices to demonstrate (0..9); None means all ten."""
     attempts_per_task: int = 20
     """Expert episodes per task, each from its own fresh random placement; only successes are kept."""
+    extra_attempts: dict[int, int] | None = None
+    """More episodes for some tasks (task index -> attempts added to `attempts_per_task`): the tasks whose
+    grasp needs the most precision get the most data."""
     max_steps: int = 300
     """Step cap of one expert attempt. Success within the suite's budget (sim.max_steps) is reported apart."""
     workers: int = 2
@@ -40,6 +43,12 @@ class DemosConfig:
         task_indices(self.tasks, "demos.tasks")
         if self.attempts_per_task < 1:
             raise ValueError(f"demos.attempts_per_task must be at least 1, got {self.attempts_per_task}")
+        extra = self.extra_attempts or {}
+        if not isinstance(extra, dict) or not all(
+            t in range(NUM_TASKS) and isinstance(n, int) and not isinstance(n, bool) and n >= 0 for t, n in extra.items()
+        ):
+            raise ValueError(f"demos.extra_attempts must map task indices 0..{NUM_TASKS - 1} to non-negative ints, "
+                             f"got {self.extra_attempts!r}")
         if self.max_steps < 1:
             raise ValueError(f"demos.max_steps must be positive, got {self.max_steps}")
         if self.workers < 1:
@@ -48,6 +57,10 @@ class DemosConfig:
     @property
     def task_indices(self) -> list[int]:
         return task_indices(self.tasks, "demos.tasks")
+
+    def attempts(self, task: int) -> int:
+        """Expert episodes of `task`."""
+        return self.attempts_per_task + (self.extra_attempts or {}).get(task, 0)
 
 
 
@@ -114,9 +127,10 @@ def _attempt(job: tuple[int, int, int, int]) -> tuple[int, int, bool, int, Demo 
 
 def _expert_demos(config: DemosConfig, sim: SimConfig, seed: int, out_dir: Path) -> dict:
     tasks = config.task_indices
-    jobs = [(t, a, placement_seed(seed, DEMOS_STREAM, t, a), config.max_steps) for t in tasks for a in range(config.attempts_per_task)]
+    jobs = [(t, a, placement_seed(seed, DEMOS_STREAM, t, a), config.max_steps) for t in tasks for a in range(config.attempts(t))]
     info = {t: LiberoEnv.task_info(t) for t in tasks}
-    log.info("%d tasks in libero_spatial, %d attempts each, %d workers", len(tasks), config.attempts_per_task, config.workers)
+    log.info("%d tasks in libero_spatial, %d attempts each (%s more), %d workers", len(tasks), config.attempts_per_task,
+             config.extra_attempts or "none", config.workers)
 
     kept: dict[int, list[tuple[int, Demo]]] = defaultdict(list)
     lengths: dict[int, list[int]] = defaultdict(list)  # of successes
@@ -129,10 +143,10 @@ def _expert_demos(config: DemosConfig, sim: SimConfig, seed: int, out_dir: Path)
                 lengths[task].append(length)
             ok = sum(len(v) for v in lengths.values())
             bar.update(1, task=task, ok=f"{ok}/{sum(finished.values())}")
-            if finished[task] == config.attempts_per_task:
+            if finished[task] == config.attempts(task):
                 name, instruction, bddl = info[task]
                 n = len(kept[task])
-                log.info("Task %d/%d %s: %d/%d succeeded", task + 1, len(tasks), instruction, n, config.attempts_per_task)
+                log.info("Task %d/%d %s: %d/%d succeeded", task + 1, len(tasks), instruction, n, config.attempts(task))
                 if n:
                     demos = [d for _, d in sorted(kept.pop(task), key=lambda x: x[0])]
                     write_task_demos(demo_path(out_dir, name), TaskDemos(name, instruction, demos, bddl), env_args={"image_size": sim.image_size, "fast_render": sim.fast_render})
@@ -144,7 +158,7 @@ def _expert_demos(config: DemosConfig, sim: SimConfig, seed: int, out_dir: Path)
         "success_rate": round(kept_count / len(jobs), 4),
         "episodes": len(jobs),
         "kept": kept_count,
-        "per_task": {info[t][0]: round(len(lengths[t]) / config.attempts_per_task, 4) for t in tasks},
+        "per_task": {info[t][0]: round(len(lengths[t]) / config.attempts(t), 4) for t in tasks},
         "per_task_kept": {info[t][0]: len(lengths[t]) for t in tasks},
         "mean_length": round(float(np.mean(all_lengths)), 1) if all_lengths else None,
         "within_budget": round(float(np.mean([n <= sim.max_steps for n in all_lengths])), 4) if all_lengths else None,

@@ -18,14 +18,14 @@ TASK = 2  # bowl at the table centre: the expert's quickest task
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demos") / "demos"
-    config = DemosConfig(tasks=[TASK], attempts_per_task=2, workers=1)
+    config = DemosConfig(tasks=[TASK], attempts_per_task=1, extra_attempts={TASK: 1, 5: 3}, workers=1)
     metrics = make_demos(config, SimConfig(image_size=32), seed=7, out_dir=out)
     return out, metrics
 
 
 def test_stage_writes_libero_layout_that_reads_back(stage_run):
     out, metrics = stage_run
-    assert metrics["episodes"] == 2 and metrics["kept"] >= 1, metrics
+    assert metrics["episodes"] == 2 and metrics["kept"] >= 1, metrics  # 1 + 1 extra; task 5 is not demonstrated
     assert set(metrics) >= {"success_rate", "episodes", "kept", "per_task", "mean_length", "within_budget", "frames", "wall_seconds"}
     (path,) = demo_files(out)
     task = read_task_demos(path)
@@ -91,6 +91,10 @@ def test_task_lists_are_checked_by_every_stage(tasks) -> None:
 def test_bad_demos_params_are_refused():
     with pytest.raises(ValueError, match="demos.attempts_per_task"):
         DemosConfig(attempts_per_task=0)
+    for extra in ({10: 5}, {4: -1}, {"4": 5}, [4, 7]):
+        with pytest.raises(ValueError, match=r"demos.extra_attempts must map task indices 0\.\.9 to non-negative ints"):
+            DemosConfig(extra_attempts=extra)
+    assert [DemosConfig(attempts_per_task=3, extra_attempts={4: 2}).attempts(t) for t in (3, 4)] == [3, 5]
     with pytest.raises(ValueError, match="demos.bogus"):
         section({"demos": {"bogus": 1}}, "demos", DemosConfig)
 
