@@ -213,7 +213,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero() -> None:
     factors = [lr_factor("cosine", step, total) for step in range(total)]
     assert factors[0] == pytest.approx(1 / warmup) and factors[warmup - 1] == 1.0
     assert all(a >= b for a, b in zip(factors[warmup - 1:], factors[warmup:]))
-    assert factors[-1] == pytest.approx(0.0, abs=1e-12) and factors[total // 2] == pytest.approx(0.5, abs=0.05)
+    assert factors[-1] == pytest.approx(0.0, abs=1e-3) and factors[total // 2] == pytest.approx(0.5, abs=0.05)
     assert {lr_factor("constant", step, total) for step in range(total)} == {1.0}
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rsd.data import CHUNK_LEN
+from rsd.lr_schedule import warmup_cosine
 
 
 def _check(condition: bool, name: str, expected: str, value: Any) -> None:
@@ -92,10 +93,7 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based) of `total_steps`."""
     if schedule == "constant":
         return 1.0
-    warmup = max(1, round(0.05 * total_steps))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup + 1) / max(1, total_steps - warmup)))
+    return warmup_cosine(step, total_steps, warmup_steps=max(1, round(0.05 * total_steps)))
 
 
 @dataclass

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rsd.data import TaskDemos, action_chunks, split_episodes
+from rsd.lr_schedule import warmup_cosine
 from rsd.policy.config import PolicyConfig, build_vocab
 from rsd.policy.model import MainPolicy
 from rsd.progress import Progress
@@ -190,13 +190,8 @@ def train_policy(
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    def lr_scale(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total_steps, config.warmup_steps, floor=0.1))
     generator = torch.Generator().manual_seed(config.seed)
     start = time.monotonic()
     history = []

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from typing import Any, Iterator
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 
 from rsd.data import action_chunks, split_episodes
+from rsd.lr_schedule import warmup_cosine
 from rsd.progress import Progress
 from rsd.tokenizer.config import TokenizerConfig
 from rsd.tokenizer.model import RFSQTokenizer
@@ -70,13 +70,9 @@ def fit(tokenizer: RFSQTokenizer, x_train: torch.Tensor, progress: bool) -> floa
     config = tokenizer.config
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    def lr_scale(step: int) -> float:
-        """Linear warmup, then cosine decay to zero: the last, small steps polish the fine layers."""
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - config.warmup_steps) / (config.steps - config.warmup_steps)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
+    # cosine decay to zero: the last, small steps polish the fine layers
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, config.steps, config.warmup_steps))
     generator = torch.Generator().manual_seed(config.seed)
     prefix_weights = torch.ones(config.num_layers)  # [L], one per prefix k = 1..L
     prefix_weights[0] = config.first_layer_loss_weight
