@@ -19,6 +19,7 @@ from rsd.draft import (DraftConfig, DraftSamples, DraftTrainConfig, DraftVerific
                        verify_checkpoint)
 from rsd.draft.config import lr_factor
 from rsd.draft.model import num_parameters
+from rsd.lr_schedule import warmup_cosine
 
 H = 32  # hidden size of the synthetic main policy: small keeps training fast
 CHECKPOINT_KEYS = {"model_state_dict", "optimizer_state_dict", "epoch", "val_accuracy", "val_accuracies_per_layer",
@@ -215,6 +216,8 @@ def test_cosine_schedule_warms_up_then_decays_to_zero() -> None:
     assert all(a >= b for a, b in zip(factors[warmup - 1:], factors[warmup:]))
     assert factors[-1] == pytest.approx(0.0, abs=1e-3) and factors[total // 2] == pytest.approx(0.5, abs=0.05)
     assert {lr_factor("constant", step, total) for step in range(total)} == {1.0}
+    # the main policy's variant keeps a floor of 10% of the peak
+    assert warmup_cosine(total, total, warmup, floor=0.1) == pytest.approx(0.1)
 
 
 def test_training_learns_and_writes_the_checkpoint(trained: dict[str, Any]) -> None:
