@@ -2,7 +2,8 @@
 
 Inputs (all required; a missing one is an error naming it and the stage that writes it):
 metrics/{demos,policy,collect,train,verify,eval_no_draft,eval_draft,bench}.json and the DVCLive
-curves of the main policy and the draft (dvclive/<name>/plots/metrics/**.tsv).
+curves of the main policy and the draft (dvclive/<name>/plots/metrics/**.tsv). Optional:
+metrics/bench_7b.json (scripts/bench_7b.py, run on a GPU) adds the section at OpenVLA's scale.
 
 Outputs: report.md (comparison table, per-task success, training summary, conclusion checklist) and
 three PNGs: training_curves.png, per_task_success.png, latency_breakdown.png.
@@ -30,6 +31,8 @@ SOURCES = {
     "bench": "bench",
 }
 """metrics/<name>.json the report reads -> the stage that writes it."""
+OPTIONAL_SOURCES = {"bench_7b": "scripts/bench_7b.py"}
+"""Read when present: results made outside the pipeline (on a GPU)."""
 CURVES = ("policy", "draft")
 """DVCLive runs whose curves are plotted."""
 PLOTS = ("training_curves.png", "per_task_success.png", "latency_breakdown.png")
@@ -45,9 +48,11 @@ class ReportConfig:
     """Share of draft codes equal to main's the draft must reach."""
     max_relaxed_success_drop: float = 0.02
     """Relaxed mode: largest success-rate drop from no-draft that still passes (strict must be equal)."""
+    max_gpu_memory_gb_7b: float = 16.0
+    """Peak GPU memory the engine with the draft may use at OpenVLA's 7B shape (metrics/bench_7b.json)."""
 
     def __post_init__(self) -> None:
-        for name in ("min_speedup", "min_token_acceptance", "max_relaxed_success_drop"):
+        for name in ("min_speedup", "min_token_acceptance", "max_relaxed_success_drop", "max_gpu_memory_gb_7b"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"report.{name} must be a non-negative number, got {value!r}")
@@ -63,7 +68,7 @@ class Metrics:
         if missing:
             raise FileNotFoundError("the report needs metrics files that are missing: " + ", ".join(missing))
         self.data: dict[str, dict[str, Any]] = {}
-        for name in SOURCES:
+        for name in [*SOURCES, *(n for n in OPTIONAL_SOURCES if (self.dir / f"{n}.json").is_file())]:
             path = self.dir / f"{name}.json"
             try:
                 self.data[name] = json.loads(path.read_text())
@@ -165,6 +170,11 @@ def conclusions(m: Metrics, config: ReportConfig) -> list[tuple[str, bool]]:
                    f"vs {m.get('eval_no_draft', 'successes')}/{m.get('eval_no_draft', 'trials')})",
                    m.get("eval_draft", "successes") == m.get("eval_no_draft", "successes"))
     mismatches, ties = m.get("bench", "action_mismatches"), m.get("bench", "near_ties")
+    at_scale = []
+    if "bench_7b" in m.data:
+        peak = m.get("bench_7b", "peak_memory_gb_draft")
+        at_scale = [(f"Peak GPU memory with the draft at the 7B shape < {config.max_gpu_memory_gb_7b:g} GB "
+                     f"({peak:.2f} GB)", peak < config.max_gpu_memory_gb_7b)]
     return [
         (f"Speedup ≥ {config.min_speedup:g}× ({bench_mode}: {speedup:.2f}×, p10–p90 {m.get('bench', 'speedup_p10'):.2f}–"
          f"{m.get('bench', 'speedup_p90'):.2f}×)", speedup >= config.min_speedup),
@@ -175,6 +185,7 @@ def conclusions(m: Metrics, config: ReportConfig) -> list[tuple[str, bool]]:
          f"differ, {ties} of them floating-point near-ties)", mismatches == ties),
         (f"Draft checkpoint verified (val accuracy {m.get('train', 'best_val_accuracy'):.3f})",
          bool(m.get("verify", "passed"))),
+        *at_scale,
     ]
 
 
@@ -272,6 +283,7 @@ def render(m: Metrics, config: ReportConfig, checks: list[tuple[str, bool]]) -> 
         "",
         "![training curves](training_curves.png)",
         "",
+        *_at_scale(m, config),
         "## Conclusion",
         "",
     ]
@@ -281,8 +293,35 @@ def render(m: Metrics, config: ReportConfig, checks: list[tuple[str, bool]]) -> 
                      f"(`eval.acceptance: relaxed` does that): {b['relaxed']['speedup']:.2f}×, token acceptance "
                      f"{b['relaxed']['token_acceptance']:.3f}, mean action deviation "
                      f"{b['relaxed']['mean_action_deviation']:.4f}.")
-    lines += ["", "Every number above is read from `metrics/*.json` (`dvc metrics show` lists them).", ""]
+    lines += ["", "Every number above is read from `metrics/*.json` (`dvc metrics show` lists those the pipeline writes).", ""]
     return "\n".join(lines)
+
+
+def _at_scale(m: Metrics, config: ReportConfig) -> list[str]:
+    """The section on metrics/bench_7b.json; none without that file."""
+    if "bench_7b" not in m.data:
+        return []
+    s = m.data["bench_7b"]
+    by_kept = " / ".join(f"{v:.2f}×" for v in s["speedup_by_accepted_layers"].values())
+    share = " / ".join(f"{v:g}" for v in s["accepted_share"])
+    peak = s["peak_memory_gb_draft"]
+    return [
+        "## At OpenVLA's scale",
+        "",
+        f"`scripts/bench_7b.py` on {s['gpu']}: {s['backbone']}, {s['dtype']}, a draft of "
+        f"{s['draft_parameters_m']:.1f}M parameters. Random weights say nothing about acceptance, so the share of "
+        f"calls keeping 0 / 1 / 2 draft layers is pinned to {share} (from {s['accepted_share_source']}).",
+        "",
+        "| Metric | No draft | Draft | Target | Met |",
+        "| --- | --- | --- | --- | --- |",
+        f"| ms per policy call | {s['no_draft_ms']:.1f} | {s['draft_ms']:.1f} | — | — |",
+        f"| Speedup | 1.00× | {s['speedup']:.2f}× (p10–p90 {s['speedup_p10']:.2f}–{s['speedup_p90']:.2f}) | — | — |",
+        f"| Peak GPU memory | {s['peak_memory_gb_no_draft']:.2f} GB | {peak:.2f} GB | "
+        f"< {config.max_gpu_memory_gb_7b:g} GB | {_mark(peak < config.max_gpu_memory_gb_7b)} |",
+        "",
+        f"Speedup by draft layers kept (0 / 1 / 2): {by_kept}; the draft model takes {s['draft_model_ms']:.2f} ms.",
+        "",
+    ]
 
 
 # ---- plots -----------------------------------------------------------------------------------------
