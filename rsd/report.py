@@ -31,8 +31,8 @@ SOURCES = {
     "bench": "bench",
 }
 """metrics/<name>.json the report reads -> the stage that writes it."""
-OPTIONAL_SOURCES = {"bench_7b": "scripts/bench_7b.py"}
-"""Read when present: results made outside the pipeline (on a GPU)."""
+OPTIONAL_SOURCES = ("bench_7b",)
+"""metrics/<name>.json read when present: results made outside the pipeline (scripts/bench_7b.py, on a GPU)."""
 CURVES = ("policy", "draft")
 """DVCLive runs whose curves are plotted."""
 PLOTS = ("training_curves.png", "per_task_success.png", "latency_breakdown.png")
