@@ -2,6 +2,7 @@
 checkpoints and config validation. Small random-weight models, random images made here."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -164,11 +165,28 @@ def test_layer_weights_weigh_each_layers_cross_entropy(model: MainPolicy, obs: d
         assert model.loss(obs, target, only_first).item() == pytest.approx(per_layer[0].item(), rel=1e-5)
 
 
+def test_proprio_is_standardised_by_the_training_statistics() -> None:
+    torch.manual_seed(0)
+    policy = MainPolicy(small_config())
+    samples = torch.randn(500, 8) * torch.tensor([0.1, 0.2, 0.08, 0.1, 0.5, 0.04, 0.02, 0.0]) + 1.0  # last: constant
+    policy.set_proprio_stats(samples)
+    standardised = (samples - policy.proprio_mean) / policy.proprio_std
+    torch.testing.assert_close(standardised[:, :7].mean(0), torch.zeros(7), rtol=0, atol=1e-5)
+    torch.testing.assert_close(standardised[:, :7].std(0), torch.ones(7), rtol=0, atol=1e-5)
+    assert policy.proprio_std[7] == pytest.approx(1e-3) and torch.isfinite(standardised).all()
+    obs = make_obs(policy, INSTRUCTIONS[:1])
+    before = policy.prefill(obs)[0]
+    policy.set_proprio_stats(samples * 2)
+    assert not torch.allclose(policy.prefill(obs)[0], before)  # the statistics reach the prompt
+
+
 def test_checkpoint_round_trip(model: MainPolicy, obs: dict[str, torch.Tensor], tmp_path) -> None:
     path = tmp_path / "main.pt"
+    model = copy.deepcopy(model)
+    model.proprio_mean.fill_(0.5)  # as if trained: the statistics travel with the weights
     model.save(path)
     loaded = MainPolicy.load(path, config=small_config())
-    assert loaded.config == model.config
+    assert loaded.config == model.config and torch.equal(loaded.proprio_mean, model.proprio_mean)
     assert torch.equal(loaded.generate(obs), model.generate(obs))
     assert torch.equal(loaded.prefill(obs)[1], model.prefill(obs)[1])
 

@@ -25,7 +25,7 @@ from rsd.io import load_torch, save_torch
 from rsd.policy.config import PAD_ID, PolicyConfig
 
 CHECKPOINT_FORMAT = "rsd-main-policy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: proprio standardisation statistics in the state dict
 
 Observation = dict[str, Tensor]
 """agentview uint8 [B,h,w,3], wrist uint8 [B,h,w,3], proprio float [B,P], instruction_ids long [B,T],
@@ -107,6 +107,18 @@ class MainPolicy(nn.Module):
         nn.init.normal_(self.layer_embed.weight, std=0.02)
         self.heads = nn.ModuleList(nn.Linear(hidden, codes * levels) for _ in range(config.num_layers))
         self.register_buffer("code_offsets", torch.arange(codes) * levels, persistent=False)  # [128]
+        # the training data's proprio mean and std (see `set_proprio_stats`); saved with the weights
+        self.register_buffer("proprio_mean", torch.zeros(config.proprio_dim))
+        self.register_buffer("proprio_std", torch.ones(config.proprio_dim))
+
+    def set_proprio_stats(self, proprio: Tensor) -> None:
+        """Standardise the proprio input by the mean and std of `proprio` [N, P] (the training samples).
+
+        Raw, a 3 cm height error is 0.03 beside an axis-angle of ~3, and the gripper's finger positions span
+        0.04: too little for the encoder to resolve in a short schedule (Adam moves a weight by ~lr a step).
+        """
+        self.proprio_mean.copy_(proprio.mean(dim=0))
+        self.proprio_std.copy_(proprio.std(dim=0).clamp(min=1e-3))  # a constant dimension stays finite
 
     # ---- inputs -------------------------------------------------------------------------------------
 
@@ -125,7 +137,8 @@ class MainPolicy(nn.Module):
         images = torch.stack([obs["agentview"], obs["wrist"]], dim=1)  # [B, 2, h, w, 3]
         visual = self.camera_encoder(images)  # [B, 2 * grid², H]
         B = visual.shape[0]
-        proprio = self.proprio_encoder(obs["proprio"].to(visual.dtype))[:, None]  # [B, 1, H]
+        proprio = (obs["proprio"] - self.proprio_mean) / self.proprio_std  # [B, P], standardised
+        proprio = self.proprio_encoder(proprio.to(visual.dtype))[:, None]  # [B, 1, H]
         words = self.backbone.embed_tokens(obs["instruction_ids"])  # [B, T, H]
         act = self.act_embed.expand(B, 1, -1)  # [B, 1, H]
         embeds = torch.cat([visual, proprio, words, act], dim=1)  # [B, P, H]

@@ -182,6 +182,7 @@ def train_policy(
     train_eps, val_eps = split_by_task(tasks, config.val_fraction, config.seed)
     train = build_samples(tasks, tokenizer, policy_config.image_size, train_eps)
     val = build_samples(tasks, tokenizer, policy_config.image_size, val_eps)
+    policy.set_proprio_stats(train.proprio)
     parameters = sum(p.numel() for p in policy.parameters())
     log.info("main policy: %.2fM parameters; %d train samples (%d episodes), %d val samples (%d episodes)",
              parameters / 1e6, len(train), len(train_eps), len(val), len(val_eps))
