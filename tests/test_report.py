@@ -106,18 +106,23 @@ def test_report_adds_the_7b_section_when_its_metrics_exist(tmp_path):
     assert "OpenVLA's scale" not in build_report(metrics, tmp_path / "dvclive", tmp_path / "reports").read_text()
     (metrics / "bench_7b.json").write_text(json.dumps({
         "gpu": "NVIDIA H100", "backbone": "Llama-2-7B shape", "dtype": "bfloat16", "draft_parameters_m": 4.8,
-        "accepted_share": [0.5, 0.25, 0.25], "accepted_share_source": "metrics/bench.json",
+        "accepted_share": [0.2, 0.1, 0.7], "accepted_share_source": "metrics/bench.json",
         "no_draft_ms": 90.0, "draft_ms": 75.0, "speedup": 1.2, "speedup_p10": 0.9, "speedup_p90": 1.8,
         "speedup_by_accepted_layers": {"0": 0.95, "1": 1.25, "2": 1.8}, "draft_model_ms": 0.45,
         "peak_memory_gb_no_draft": 13.1, "peak_memory_gb_draft": 16.2}))
     text = build_report(metrics, tmp_path / "dvclive", tmp_path / "reports").read_text()
-    for expected in ("pinned to 0.5 / 0.25 / 0.25 (from metrics/bench.json)",
+    for expected in ("pinned to 0.2 / 0.1 / 0.7 (from metrics/bench.json)",
                      "| ms per policy call | 90.0 | 75.0 | — | — |",
                      "| Speedup | 1.00× | 1.20× (p10–p90 0.90–1.80) | — | — |",
                      "| Peak GPU memory | 13.10 GB | 16.20 GB | < 16 GB | ❌ |",
                      "Speedup by draft layers kept (0 / 1 / 2): 0.95× / 1.25× / 1.80×",
                      "- [ ] Peak GPU memory with the draft at the 7B shape < 16 GB (16.20 GB)"):
         assert expected in text, expected
+    seven_b = json.loads((metrics / "bench_7b.json").read_text())
+    (metrics / "bench_7b.json").write_text(json.dumps({**seven_b, "accepted_share": [0.5, 0.25, 0.25]}))
+    text = build_report(metrics, tmp_path / "dvclive", tmp_path / "reports").read_text()
+    assert ("pinned to 0.5 / 0.25 / 0.25 (from an earlier metrics/bench.json; this run's is 0.2 / 0.1 / 0.7)"
+            in text)  # bench ran again after the 7B run: the report says so
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
