@@ -39,6 +39,11 @@ GRASP_DEPTH = 0.025  # finger pads this far below the rim
 APPROACH_HEIGHT = 0.06  # hover this far above the grasp point before descending
 HOVER_RADIUS = 0.02  # start descending once this close (horizontally) above the pinch point
 FUNNEL_SLOPE = 4.0  # while descending, stay this many times the horizontal error above the pinch point
+# Errors the pinch tolerates: across the wall a few mm (the open fingers clear it by ~3.5 cm), along
+# it more. An arm near the end of its reach (the bowl on the cabinet) may never close them, and a
+# funnel that waits for it stalls high and pinches the rim, or air.
+ACROSS_SLACK = 0.003
+ALONG_SLACK = 0.008
 # Choosing where to pinch: score = min(clearance, CLEARANCE_ENOUGH) - reach and turning penalties.
 CLEARANCE_ENOUGH = 0.02  # metres; gripper sample points sit 1 cm apart, so under ~5 mm may be a collision
 REACH = 0.76  # horizontal distance from the arm's base beyond which reaching down gets hard
@@ -210,9 +215,11 @@ class ScriptedExpert:
             return target, GRIPPER_OPEN, Phase.DESCEND if near or capped else None
         if self.phase is Phase.DESCEND:
             # A funnel: the lower the fingers, the closer above the pinch point they must be.
-            target = self._pinch_point(obs)
-            target[2] += min(APPROACH_HEIGHT, FUNNEL_SLOPE * np.linalg.norm(target[:2] - eef[:2]))
-            done = np.linalg.norm(target - eef) < AT_TARGET or (self.phase_steps > STALL_STEPS and self._stalled()) or capped
+            pinch = self._pinch_point(obs)
+            off = self._pinch_offset(pinch, eef)
+            target = pinch + [0.0, 0.0, min(APPROACH_HEIGHT, FUNNEL_SLOPE * off)]
+            arrived = np.hypot(off, eef[2] - pinch[2]) < AT_TARGET
+            done = arrived or (self.phase_steps > STALL_STEPS and self._stalled()) or capped
             return target, GRIPPER_OPEN, Phase.CLOSE if done else None
         if self.phase is Phase.CLOSE:
             fingers_still = np.abs(obs["robot0_gripper_qpos"] - self.last_fingers).max() < 5e-4
@@ -279,6 +286,13 @@ class ScriptedExpert:
         rim = self._rim_centre(obs)
         radial = (self.bowl_radius - WALL_INSET) * self.grasp.direction
         return rim + [radial[0], radial[1], -GRASP_DEPTH]
+
+    def _pinch_offset(self, pinch: np.ndarray, eef: np.ndarray) -> float:
+        """Horizontal distance (m) of the eef from the pinch point beyond what the pinch tolerates."""
+        offset = eef[:2] - pinch[:2]
+        u = self.grasp.direction
+        across, along = abs(offset @ u), abs(offset @ [-u[1], u[0]])
+        return float(np.hypot(max(across - ACROSS_SLACK, 0.0), max(along - ALONG_SLACK, 0.0)))
 
     def _choose_grasp(self, obs: dict) -> Grasp:
         """Pick the rim direction whose pinch keeps the outer finger and hand clearest, within reach.
