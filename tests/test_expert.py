@@ -28,3 +28,17 @@ def test_expert_solves_an_easy_task_within_budget():
     # The gripper closed on the bowl at some point, and every recorded state is a different moment.
     assert (episode.actions[:, 6] > 0).any()
     assert len(np.unique(episode.states[:, 0])) == T
+
+
+def test_expert_grasps_the_bowl_on_the_cabinet_at_the_first_try():
+    """The arm reaches up to the cabinet sluggishly; the descent must still end low enough to pinch the wall.
+
+    (A descent that waited for the last millimetres along the wall stalled over the rim, pinched air and
+    regrasped: two grasp modes in the demos, which the policy imitated by closing too high.)
+    """
+    config = SimConfig()
+    with LiberoEnv(9, config, render=False) as env:
+        episode = rollout_expert(env, seed=1000, max_steps=config.max_steps)
+    closed = episode.actions[:, 6] > 0
+    assert episode.success
+    assert np.count_nonzero(closed[1:] & ~closed[:-1]) == 1  # the gripper closed once and held on
