@@ -29,7 +29,8 @@ def object_positions(env: LiberoEnv, state: np.ndarray) -> np.ndarray:
     return np.stack([state[1 + model.jnt_qposadr[j]:][:3] for j in free])
 
 
-@pytest.mark.parametrize("field, value", [("image_size", 0), ("fast_render", "yes"), ("settle_steps", -1), ("max_steps", 0), ("max_steps", 2.5)])
+@pytest.mark.parametrize("field, value", [("image_size", 0), ("fast_render", "yes"), ("mesh_cell_mm", -1.0),
+                                          ("mesh_cell_mm", "4"), ("settle_steps", -1), ("max_steps", 0), ("max_steps", 2.5)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"SimConfig.{field}"):
         SimConfig(**{field: value})
@@ -102,6 +103,19 @@ def test_images_are_upright_and_of_the_configured_size(render_env):
     band = SIZE // 5
     assert woodiness[-band:].mean() > 20
     assert woodiness[:band].mean() < 10
+
+
+def test_simplified_meshes_render_nearly_the_whole_meshes_image(render_env):
+    """The default 4 mm mesh cells drop most faces and change a pixel by ~1-2 levels on average."""
+    assert render_env.config.mesh_cell_mm == 4.0
+    obs = render_env.reset(seed=3)
+    with LiberoEnv(TASK, SimConfig(image_size=SIZE, mesh_cell_mm=0), render=True) as whole:
+        reference = whole.reset(seed=3)
+        assert render_env.sim.model.mesh_facenum.sum() < 0.5 * whole.sim.model.mesh_facenum.sum()
+        np.testing.assert_array_equal(render_env.get_state(), whole.get_state())
+    for camera in ("agentview_image", "robot0_eye_in_hand_image"):
+        diff = np.abs(obs[camera].astype(int) - reference[camera].astype(int))
+        assert 0 < diff.mean() < 4 and (diff > 40).mean() < 0.02, camera
 
 
 def test_render_states_matches_stepping_and_physics_matches_without_rendering(render_env, physics_env):
