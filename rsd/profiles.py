@@ -1,6 +1,6 @@
 """Profiles: named sets of params.yaml values for a scale of run, written into params.yaml on request.
 
-The committed params.yaml is the default profile (small but real, about 80 minutes on 2 CPU cores).
+The committed params.yaml is the default profile (small but real, about 70 minutes on 2 CPU cores).
 `profiles/<name>.yaml` holds the values another scale changes, nested like params.yaml:
 
 - `smoke`: the whole DAG in minutes on 2 cores (one task, a few episodes, an epoch or two); the tests
