@@ -30,7 +30,7 @@ class Agent(Protocol):
 class EvalConfig:
     """Which episodes to run and how."""
 
-    init_states: int = 6
+    init_states: int = 10
     """Benchmark init states 0..N-1 of every task are evaluated (LIBERO has 50 per task)."""
     tasks: list[int] | None = None
     """libero_spatial task indices; None means all ten."""

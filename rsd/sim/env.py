@@ -85,10 +85,9 @@ def _check_int(field: str, value: Any, minimum: int) -> None:
 VISUAL_GROUP = 1  # robosuite and LIBERO put visual geoms in group 1, collision geoms in group 0 (not rendered)
 
 
-def simplify_visual_meshes(model: mujoco.MjModel, cell: float) -> tuple[int, int]:
+def simplify_visual_meshes(model: mujoco.MjModel, cell: float) -> None:
     """Vertex clustering of the visual geoms' meshes, in place: in each cube of side `cell` (metres, mesh
-    frame) one vertex stands for all, and the faces that collapse are dropped. Returns (faces before,
-    faces after).
+    frame) one vertex stands for all, and the faces that collapse are dropped.
 
     Only the face lists shrink (each mesh's first `mesh_facenum` faces are the kept ones): vertices,
     normals and texture coordinates stay where they are, so a kept face's corners keep their own normal
@@ -97,7 +96,6 @@ def simplify_visual_meshes(model: mujoco.MjModel, cell: float) -> tuple[int, int
     """
     meshes = {int(model.geom_dataid[g]) for g in range(model.ngeom)
               if model.geom_type[g] == mujoco.mjtGeom.mjGEOM_MESH and model.geom_group[g] == VISUAL_GROUP}
-    before = after = 0
     for mesh in sorted(meshes):
         v0, nv = model.mesh_vertadr[mesh], model.mesh_vertnum[mesh]
         f0, nf = model.mesh_faceadr[mesh], model.mesh_facenum[mesh]
@@ -111,8 +109,6 @@ def simplify_visual_meshes(model: mujoco.MjModel, cell: float) -> tuple[int, int
         model.mesh_facenormal[f0:f0 + kept] = normals
         model.mesh_facetexcoord[f0:f0 + kept] = texcoords
         model.mesh_facenum[mesh] = kept
-        before, after = before + nf, after + kept
-    return before, after
 
 
 # Rendering envs still open at exit. They are closed by an atexit hook registered after robosuite's
@@ -294,6 +290,10 @@ class LiberoEnv:
                 self._env.set_init_state(self.init_states[init_state])
             for _ in range(self.config.settle_steps):
                 self._env.step(NOOP_ACTION)
+        return self._observe()
+
+    def _observe(self) -> dict[str, Any]:
+        """The observation of the current state, cameras read afresh (into this env's GL context)."""
         if self.render:
             self._use_own_gl_context()
         return self._upright(self._env.env._get_observations(force_update=True))
@@ -355,8 +355,7 @@ class LiberoEnv:
         with self._cameras_off():
             obs, _, done, _ = self._env.step(np.asarray(action, dtype=np.float64))
         if render and self.render:
-            self._use_own_gl_context()
-            obs = self._env.env._get_observations(force_update=True)
+            return self._observe(), bool(done)
         return self._upright(obs), bool(done)
 
     def get_state(self) -> np.ndarray:
