@@ -36,9 +36,10 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    """torch.save, atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save, atomically. Through a file object, so the archive's inner folder is always named
+    "archive" rather than after the temporary file: equal contents give equal bytes (and DVC hashes)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)
 
 
 def load_torch(path: str | os.PathLike, what: str) -> dict:
