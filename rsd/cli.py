@@ -56,7 +56,7 @@ def verify(params: Path = ParamsOption) -> None:
 
 
 @app.command("eval")
-def evaluate(variant: str = typer.Argument(..., help="no_draft or draft"), params: Path = ParamsOption) -> None:
+def evaluate(variant: str = typer.Argument(..., help="no_draft, draft (strict) or draft_relaxed"), params: Path = ParamsOption) -> None:
     """Closed-loop evaluation on libero_spatial's benchmark init states."""
     pipeline.run_eval(variant, params)
 

@@ -5,7 +5,6 @@ can never drift apart. Output paths are fixed here and mirrored in dvc.yaml.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -56,7 +55,8 @@ POLICY_CKPT = Path("models/policy.pt")
 DRAFT_SAMPLES = Path("data/draft_samples.pt")
 DRAFT_CKPT = Path("models/draft.pt")
 LIVE_DIR = Path("dvclive")
-EVAL_VARIANTS = ("no_draft", "draft")
+EVAL_VARIANTS = {"no_draft": "none", "draft": "strict", "draft_relaxed": "relaxed"}
+"""Evaluation variants and the engine mode each runs (both acceptance rules of the draft, side by side)."""
 
 
 def _split_model(params: dict, name: str) -> tuple[dict, dict]:
@@ -91,33 +91,30 @@ def run_policy(params_file: str | Path = "params.yaml") -> dict:
     return metrics
 
 
-ENGINE_PARAMS = {"acceptance": "mode", "tolerance": "tolerance", "draft_precision": "draft_precision"}
-"""params.yaml `eval` keys that configure the engine (-> EngineConfig fields), not the evaluator."""
+ENGINE_PARAMS = ("tolerance", "draft_precision")
+"""params.yaml `eval` keys that configure the draft engines (EngineConfig fields), not the evaluator."""
 
 
-def draft_engine_config(params: dict) -> EngineConfig:
-    """The draft variant's engine: params `eval.acceptance`, `eval.tolerance`, `eval.draft_precision`."""
+def draft_engine_config(params: dict, mode: str = "strict") -> EngineConfig:
+    """A draft engine in `mode` (strict or relaxed), configured by params `eval.tolerance` and `eval.draft_precision`."""
     from rsd.engine import EngineConfig
 
     values = params.get("eval") or {}
     try:
-        engine = EngineConfig(**{"mode": "strict", **{field: values[key] for key, field in ENGINE_PARAMS.items() if key in values}})
+        return EngineConfig(mode=mode, **{key: values[key] for key in ENGINE_PARAMS if key in values})
     except ValueError as error:
         raise ValueError(f"params: eval ({', '.join(ENGINE_PARAMS)}): {error}") from None
-    if engine.mode == "none":
-        raise ValueError("params: eval.acceptance must be strict or relaxed, got 'none'")
-    return engine
 
 
-def _engine_factory(mode: str, draft: bool, params: dict):
-    """A picklable factory that builds the engine in each worker process."""
+def _engine_factory(mode: str, params: dict):
+    """A picklable factory that builds the engine (`none`: the main policy alone) in each worker process."""
     from functools import partial
 
     from rsd.engine import load_engine
 
     base = section(params, "base", BaseConfig)
-    engine = dataclasses.replace(draft_engine_config(params), mode=mode)
-    return partial(load_engine, str(POLICY_CKPT), str(TOKENIZER_CKPT), str(DRAFT_CKPT) if draft else None, engine, base.torch_device())
+    draft = None if mode == "none" else str(DRAFT_CKPT)
+    return partial(load_engine, str(POLICY_CKPT), str(TOKENIZER_CKPT), draft, draft_engine_config(params, mode), base.torch_device())
 
 
 def run_collect(params_file: str | Path = "params.yaml") -> dict:
@@ -126,7 +123,7 @@ def run_collect(params_file: str | Path = "params.yaml") -> dict:
 
     params = load_params(params_file)
     base = section(params, "base", BaseConfig)
-    samples, metrics = collect(_engine_factory("none", False, params), section(params, "collect", CollectConfig),
+    samples, metrics = collect(_engine_factory("none", params), section(params, "collect", CollectConfig),
                                section(params, "sim", SimConfig), base.seed)
     samples.save(DRAFT_SAMPLES)
     write_json(METRICS / "collect.json", metrics)
@@ -176,8 +173,8 @@ def run_eval(variant: str, params_file: str | Path = "params.yaml") -> dict:
     base = section(params, "base", BaseConfig)
     values = {k: v for k, v in (params.get("eval") or {}).items() if k not in ENGINE_PARAMS}
     config = section({"eval": values}, "eval", EvalConfig)
-    mode = "none" if variant == "no_draft" else draft_engine_config(params).mode
-    metrics, _ = evaluate(_engine_factory(mode, variant == "draft", params), config, section(params, "sim", SimConfig))
+    mode = EVAL_VARIANTS[variant]
+    metrics, _ = evaluate(_engine_factory(mode, params), config, section(params, "sim", SimConfig))
     metrics = {**metrics, "device": base.torch_device(), "acceptance_mode": mode}
     write_json(METRICS / f"eval_{variant}.json", metrics)
     log.info("eval@%s: success %.3f (%d/%d), %.1f ms per call", variant, metrics["success_rate"], metrics["successes"],
@@ -195,14 +192,13 @@ def run_bench(params_file: str | Path = "params.yaml") -> dict:
     params = load_params(params_file)
     base = section(params, "base", BaseConfig)
     config = section(params, "bench", BenchConfig)
-    draft_engine = draft_engine_config(params)
     device = base.torch_device()
     start = time.monotonic()
-    observations, recorded = record_observations(_engine_factory("none", False, params), config,
+    observations, recorded = record_observations(_engine_factory("none", params), config,
                                                  section(params, "sim", SimConfig), base.seed)
     engines = {mode: load_engine(str(POLICY_CKPT), str(TOKENIZER_CKPT), None if mode == "none" else str(DRAFT_CKPT),
-                                 dataclasses.replace(draft_engine, mode=mode), device) for mode in MODES}
-    metrics = benchmark(engines, [o.inputs for o in observations], config, draft_engine.mode)
+                                 draft_engine_config(params, mode), device) for mode in MODES}
+    metrics = benchmark(engines, [o.inputs for o in observations], config)
     metrics = {**metrics, **recorded, "wall_seconds": round(time.monotonic() - start, 1)}
     write_json(METRICS / "bench.json", metrics)
     return metrics

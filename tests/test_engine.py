@@ -118,11 +118,12 @@ def test_engine_refuses_mismatched_parts(parts):
         EngineConfig(mode="strict", draft_precision="fp16")
 
 
-def test_eval_params_configure_the_draft_engine():
-    engine = draft_engine_config({"eval": {"acceptance": "relaxed", "tolerance": 2, "draft_precision": "bf16", "init_states": 6}})
+def test_eval_params_configure_the_draft_engines():
+    params = {"eval": {"tolerance": 2, "draft_precision": "bf16", "init_states": 6}}
+    engine = draft_engine_config(params, "relaxed")
     assert (engine.mode, engine.tolerance, engine.draft_precision) == ("relaxed", 2, "bf16")
     assert draft_engine_config({}).mode == "strict"
-    with pytest.raises(ValueError, match="eval.acceptance must be strict or relaxed"):
-        draft_engine_config({"eval": {"acceptance": "none"}})
+    with pytest.raises(ValueError, match="params: eval .*tolerance must be a non-negative int, got -1"):
+        draft_engine_config({"eval": {"tolerance": -1}}, "relaxed")
     with pytest.raises(ValueError, match="params: eval .*draft_precision must be one of fp32, bf16; got 'int8'"):
         draft_engine_config({"eval": {"draft_precision": "int8"}})

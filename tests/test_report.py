@@ -30,7 +30,7 @@ def _mode(ms: float, speedup: float, acceptance: float) -> dict:
             "draft_model_ms": 1.6, "main_ms": 14.0}
 
 
-def write_metrics(root: Path, draft_successes: int = 10, speedup: float = 1.37) -> Path:
+def write_metrics(root: Path, draft_successes: int = 10, speedup: float = 1.37, relaxed_successes: int = 10) -> Path:
     metrics = root / "metrics"
     metrics.mkdir()
     bench = {"no_draft_ms": 24.1, "draft_ms": 17.6, "speedup": speedup, "speedup_p10": 1.12, "speedup_p90": 1.48,
@@ -53,6 +53,7 @@ def write_metrics(root: Path, draft_successes: int = 10, speedup: float = 1.37) 
         "verify": {"passed": True},
         "eval_no_draft": _eval(10, "none", 24.0),
         "eval_draft": _eval(draft_successes, "strict", 18.0),
+        "eval_draft_relaxed": _eval(relaxed_successes, "relaxed", 17.0),
         "bench": bench,
     }
     for name, data in files.items():
@@ -71,22 +72,25 @@ def test_report_reads_every_number_from_the_metrics(tmp_path):
     metrics = write_metrics(tmp_path)
     path = build_report(metrics, tmp_path / "dvclive", tmp_path / "reports", ReportConfig())
     text = path.read_text()
-    for expected in ("| Success Rate | 83.3% (10/12) | 83.3% (10/12) | = no draft | ✅ |",
-                     "| Avg Inference Time | 24.10 ms | 17.60 ms |",
-                     "| Speedup | 1.00× | 1.37× (p10–p90 1.12–1.48) | ≥ 1.3× | ✅ |",
-                     "| Draft Acceptance | — | 0.734 | ≥ 0.60 | ✅ |",
-                     "| Memory (peak) | 1.87 GB | 1.87 GB | for reference | — |",
+    for expected in ("| Success Rate | 83.3% (10/12) | 83.3% (10/12) | 83.3% (10/12) | = no draft / ≥ no draft − 2 pts "
+                     "| ✅ / ✅ |",
+                     "| Avg Inference Time | 24.10 ms | 17.60 ms | 16.20 ms |",
+                     "| Speedup | 1.00× | 1.37× (p10–p90 1.17–1.47) | 1.49× (p10–p90 1.29–1.59) | ≥ 1.3× | ✅ / ✅ |",
+                     "| Draft Acceptance | — | 0.734 | 0.912 | ≥ 0.60 | ✅ / ✅ |",
+                     "| Memory (peak) | 1.87 GB | 1.87 GB | 1.87 GB | for reference | — |",
+                     "mean per call without the draft / strict / relaxed: 24.00 / 18.00 / 17.00 ms",
                      "| relaxed (±1) | 16.20 | 1.49× (1.29–1.59) | 0.912 |",
                      "| strict, perfect draft (ceiling) | 15.10 | 1.60× (1.40–1.70) | 1.000 |",
                      "its 1.60× is the most any draft can give",
-                     "| next to the plate | 83.3% | 83.3% |",
+                     "| next to the plate | 83.3% | 83.3% | 83.3% |",
                      "| Date (draft trained) | 2026-11-26 |",
                      "196 episodes kept of 200",
                      "1..4 layers 0.0400 / 0.0100 / 0.0045 / 0.0043; share of \"no correction\" codes per layer "
                      "0.61 / 0.83 / 0.52 / 0.15 |",
                      "17,543 from 80 main-policy episodes",
                      "| Best val accuracy | 0.877 (epoch 44; per layer 0.950 / 0.880 / 0.800) |",
-                     "- [x] Speedup ≥ 1.3× (strict: 1.37×",
+                     "- [x] Speedup ≥ 1.3×, strict (1.37×, p10–p90 1.17–1.47×)",
+                     "- [x] Relaxed-mode (±1) success within 2 points of no draft (10/12 vs 10/12)",
                      "- [x] Strict decoding reproduces no-draft tokens (1 of 200 observations differ, 1 of them"):
         assert expected in text, expected
     for plot in PLOTS:
@@ -95,10 +99,12 @@ def test_report_reads_every_number_from_the_metrics(tmp_path):
 
 
 def test_report_marks_unmet_targets(tmp_path):
-    metrics = write_metrics(tmp_path, draft_successes=9, speedup=1.1)
+    metrics = write_metrics(tmp_path, draft_successes=9, speedup=1.1, relaxed_successes=9)  # 83.3% -> 75.0%
     text = build_report(metrics, tmp_path / "dvclive", tmp_path / "reports").read_text()
-    assert "| Speedup | 1.00× | 1.10× (p10–p90 1.12–1.48) | ≥ 1.3× | ❌ |" in text
+    assert "| Speedup | 1.00× | 1.10× (p10–p90 0.90–1.20) | 1.49× (p10–p90 1.29–1.59) | ≥ 1.3× | ❌ / ✅ |" in text
+    assert "| ✅ / ❌ |" not in text and "| ❌ / ❌ |" in text  # success: neither strict nor relaxed
     assert "- [ ] Strict-mode success equals no draft (9/12 vs 10/12)" in text
+    assert "- [ ] Relaxed-mode (±1) success within 2 points of no draft (9/12 vs 10/12)" in text
 
 
 def test_report_adds_the_7b_section_when_its_metrics_exist(tmp_path):
