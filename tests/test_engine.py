@@ -1,14 +1,18 @@
 """The RSD engine: speculative decoding must reproduce no-draft decoding in strict mode, whatever the draft says."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from rsd.engine import EngineConfig, RSDEngine
-from rsd.pipeline import draft_engine_config
+from rsd.evaluation import EvalConfig
+from rsd.pipeline import EVAL_VARIANTS, draft_engine_config
 from rsd.policy import MainPolicy, PolicyConfig, build_vocab
 from rsd.tokenizer.config import TokenizerConfig
 from rsd.tokenizer.model import RFSQTokenizer
@@ -127,3 +131,15 @@ def test_eval_params_configure_the_draft_engines():
         draft_engine_config({"eval": {"tolerance": -1}}, "relaxed")
     with pytest.raises(ValueError, match="params: eval .*draft_precision must be one of fp32, bf16; got 'int8'"):
         draft_engine_config({"eval": {"draft_precision": "int8"}})
+
+
+def test_each_eval_variant_depends_on_the_params_it_reads():
+    """dvc.yaml: every variant on every evaluator key, the draft variants on the engine keys their mode reads."""
+    stage = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]["eval"]
+    evaluator = {f"eval.{field.name}" for field in dataclasses.fields(EvalConfig)}
+    assert evaluator <= set(stage["do"]["params"])
+    reads = {"none": set(), "strict": {"eval.draft_precision"}, "relaxed": {"eval.draft_precision", "eval.tolerance"}}
+    assert set(stage["foreach"]) == set(EVAL_VARIANTS)
+    for variant, mode in EVAL_VARIANTS.items():
+        item = stage["foreach"][variant]
+        assert {item["engine_1"], item["engine_2"]} - evaluator == reads[mode], variant
