@@ -214,7 +214,8 @@ def render(m: Metrics, config: ReportConfig, checks: dict[str, tuple[str, bool]]
         "# RSD on LIBERO libero_spatial: report",
         "",
         f"Residual speculative decoding of the main policy's RFSQ tokens. The draft runs under two acceptance rules: "
-        f"**strict** (lossless) and **relaxed** (a code within {tolerance} level(s) of main's passes). Success rates "
+        f"**strict** (lossless: a layer is kept when every code equals main's) and **relaxed** (kept when every code is "
+        f"within {tolerance} level{'s' if tolerance != 1 else ''} of main's). Success rates "
         f"are closed-loop episodes on the benchmark's init states ({nd['trials']} per variant); latency is the "
         f"benchmark's median per policy call on {b['device']} ({b['observations']} recorded observations × "
         f"{b['repetitions']} repetitions, engines interleaved).",
