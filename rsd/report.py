@@ -395,7 +395,7 @@ def _plot_per_task(m: Metrics, path: Path) -> None:
     """Success per task: no draft, strict and relaxed draft side by side."""
     plt = _pyplot()
     tasks = list(m.data["eval_no_draft"]["per_task"])
-    variants = {"no draft": "eval_no_draft", "draft (strict)": "eval_draft", "draft (relaxed)": "eval_draft_relaxed"}
+    variants = {"no draft": "eval_no_draft", **{f"draft ({mode})": name for mode, name in DRAFT_MODES.items()}}
     fig, ax = plt.subplots(figsize=(10, 4))
     x = range(len(tasks))
     for k, (label, name) in enumerate(variants.items()):
