@@ -1,8 +1,8 @@
 """The speed benchmark: the same real observations through no-draft, strict and relaxed decoding.
 
-1. **Record.** The main policy (no draft) runs closed loop in LIBERO from fresh placements (their own
-   seed stream: never the demos', the draft samples' or the benchmark's evaluation init states); the
-   observation of every policy call is kept, then thinned evenly to `observations` across the tasks.
+1. **Record** (rsd.recording, in LIBERO). The main policy (no draft) runs closed loop from fresh
+   placements; the observation of every policy call is kept, then thinned evenly across the tasks.
+   Everything below needs no simulator, only the observations.
 2. **Time.** In one process, after `warmup` untimed calls of each engine, every observation goes
    through every engine `repetitions` times. The engines take turns, and the order rotates from one
    observation (and repetition) to the next, so a slow spell of the machine hits them alike. Besides
@@ -27,31 +27,27 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from rsd.engine import PinnedDraft, Prediction, RSDEngine, perfect_proposal
-from rsd.evaluation import Agent, init_worker, rollout, worker_agent, worker_env
-from rsd.parallel import run_unordered
+from rsd.config import Config
+from rsd.contract import CHUNK_LEN
+from rsd.draft.model import RFSQDraftModelWithProjection, proposer
+from rsd.engine import MODES, Prediction, RSDEngine
 from rsd.progress import Progress
-from rsd.sim.env import LiberoEnv, SimConfig, placement_seed, task_indices
+from rsd.sim.suite import TASKS_EXPECTED, are_task_indices, task_indices
 
 log = logging.getLogger("rsd.bench")
 
-BENCH_STREAM = 2
-"""Placement-seed stream of this stage (demos 0, collect 1)."""
-MODES = ("none", "strict", "relaxed")
-"""Engines timed side by side: no draft, then the two acceptance rules."""
-
-
 @dataclass
-class BenchConfig:
+class BenchConfig(Config):
     """params.yaml `bench`: which observations to record and how to time them."""
+
+    prefix: ClassVar[str] = "bench"
 
     observations: int = 200
     """Observations timed, spread evenly over the tasks (each a real policy call's inputs)."""
@@ -59,7 +55,7 @@ class BenchConfig:
     """Closed-loop main-policy episodes per task, from fresh placements, to record observations from."""
     tasks: list[int] | None = None
     """libero_spatial task indices; None means all ten."""
-    execute_steps: int = 8
+    execute_steps: int = CHUNK_LEN
     """Actions of each chunk executed before the next policy call while recording (as in evaluation)."""
     repetitions: int = 5
     """Timed calls of each engine per observation."""
@@ -72,102 +68,50 @@ class BenchConfig:
     near_tie_margin: float = 1e-4
     """A strict-mode token difference counts as a near-tie when no-draft's top-2 logit margin is below this."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("observations", "episodes_per_task", "execute_steps", "repetitions", "threads", "workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"bench.{name} must be a positive int, got {value!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"bench.warmup must be a non-negative int, got {self.warmup!r}")
-        if self.execute_steps > 8:
-            raise ValueError(f"bench.execute_steps must be in 1..8 (the chunk length), got {self.execute_steps}")
-        task_indices(self.tasks, "bench.tasks")
-        if not (isinstance(self.near_tie_margin, (int, float)) and self.near_tie_margin > 0):
-            raise ValueError(f"bench.near_tie_margin must be a positive number, got {self.near_tie_margin!r}")
+            self.check(getattr(self, name) >= 1, name, "a positive int")
+        self.check(self.warmup >= 0, "warmup", "a non-negative int")
+        self.check(self.execute_steps <= CHUNK_LEN, "execute_steps", f"in 1..{CHUNK_LEN} (the chunk length)")
+        self.check(are_task_indices(self.tasks), "tasks", TASKS_EXPECTED)
+        self.check(self.near_tie_margin > 0, "near_tie_margin", "a positive number")
 
     @property
     def task_indices(self) -> list[int]:
-        return task_indices(self.tasks, "bench.tasks")
-
-
-@dataclass
-class Observation:
-    """One recorded policy input (`LiberoEnv.model_inputs`) and where it came from."""
-
-    inputs: dict[str, Any]
-    task: int
-    episode: int
-    step: int
-
-
-# ---- 1. record -------------------------------------------------------------------------------------
-
-
-class _Recorder:
-    """An agent that keeps a copy of every input it is asked about, then answers with the wrapped agent."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent, self.inputs = agent, []
-
-    def predict(self, inputs: dict[str, Any]) -> Prediction:
-        self.inputs.append({k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in inputs.items()})
-        return self.agent.predict(inputs)
-
-
-def _record_episode(job: tuple[int, int, int, int]) -> tuple[int, int, bool, list[tuple[int, dict[str, Any]]]]:
-    task, episode, seed, execute_steps = job
-    env = worker_env(task)
-    obs = env.reset(seed=seed)
-    recorder, steps = _Recorder(worker_agent()), []
-    success, _ = rollout(env, obs, recorder, execute_steps, lambda step, _: steps.append(step))
-    return task, episode, success, list(zip(steps, recorder.inputs))
-
-
-def record_observations(make_agent: Callable[[], Agent], config: BenchConfig, sim: SimConfig,
-                        base_seed: int) -> tuple[list[Observation], dict[str, Any]]:
-    """Run the agent closed loop from fresh placements; keep `config.observations` policy inputs, evenly
-    spread over tasks and over each task's calls. Returns them and a summary of the episodes."""
-    tasks = config.task_indices
-    jobs = [(t, e, placement_seed(base_seed, BENCH_STREAM, t, e), config.execute_steps)
-            for t in tasks for e in range(config.episodes_per_task)]
-    per_task: dict[int, list[Observation]] = defaultdict(list)
-    successes = 0
-    with Progress(len(jobs), "bench: record") as bar:
-        for task, episode, success, calls in run_unordered(_record_episode, jobs, config.workers, init_worker,
-                                                           (make_agent, sim)):
-            per_task[task] += [Observation(inputs, task, episode, step) for step, inputs in calls]
-            successes += success
-            bar.update(1, calls=sum(map(len, per_task.values())))
-    quota = _quotas(config.observations, tasks, {t: len(per_task[t]) for t in tasks})
-    kept: list[Observation] = []
-    for t in tasks:
-        calls = sorted(per_task[t], key=lambda o: (o.episode, o.step))
-        picks = np.linspace(0, len(calls) - 1, quota[t]).round().astype(int) if quota[t] else []
-        kept += [calls[i] for i in picks]
-    if len(kept) < config.observations:
-        log.warning("recorded only %d policy calls, fewer than bench.observations=%d", len(kept), config.observations)
-    summary = {"episodes": len(jobs), "record_success_rate": round(successes / len(jobs), 4),
-               "observations_per_task": {LiberoEnv.task_info(t)[0]: quota[t] for t in tasks}}
-    return kept, summary
-
-
-def _quotas(total: int, tasks: list[int], available: dict[int, int]) -> dict[int, int]:
-    """Split `total` over tasks as evenly as each task's available calls allow."""
-    quota = dict.fromkeys(tasks, 0)
-    left = total
-    while left > 0:
-        open_tasks = [t for t in tasks if quota[t] < available[t]]
-        if not open_tasks:
-            break
-        share = max(1, left // len(open_tasks))
-        for t in open_tasks:
-            take = min(share, available[t] - quota[t], left)
-            quota[t] += take
-            left -= take
-    return quota
+        return task_indices(self.tasks, f"{self.prefix}.tasks")
 
 
 # ---- 2. time ---------------------------------------------------------------------------------------
+
+# The ceiling: a draft whose proposal is set from outside, found per observation by `perfect_proposal`.
+
+
+class PinnedDraft(nn.Module):
+    """Runs the real draft model (for its cost), then returns the proposal set for this call, if any."""
+
+    def __init__(self, draft: RFSQDraftModelWithProjection) -> None:
+        super().__init__()
+        self.inner, self.config = draft, draft.config
+        self.compute = proposer(draft)  # the draft's inference form, as an engine would run it
+        self.proposal: Tensor | None = None
+
+    def propose(self, hidden: Tensor) -> Tensor:
+        computed = self.compute(hidden)  # [1, K, 128], the real work
+        return computed if self.proposal is None else self.proposal
+
+
+def perfect_proposal(engine: RSDEngine, draft: PinnedDraft, inputs: dict[str, Any], plain: Tensor) -> Tensor:
+    """Main's codes [1, K, 128] as the verify pass sees them (a proposal strict mode keeps whole), starting
+    from no-draft decoding's tokens `plain` [8, 16, L]; `engine` decodes strictly through `draft`."""
+    K = draft.config.num_coarse_layers
+    proposal = plain.flatten(0, 1).T[None, :K].clone()
+    for _ in range(K + 1):  # each round fixes at least the first layer the verify pass saw differently
+        draft.proposal = proposal
+        prediction = engine.predict(inputs)
+        if prediction.stats["accepted_layers"] == K - 1:
+            return proposal
+        proposal = prediction.tokens.flatten(0, 1).T[None, :K].clone()
+    raise RuntimeError("could not find a proposal the verify pass accepts whole")
 
 
 class PerfectDraftEngine:

@@ -10,51 +10,52 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
 
+from rsd.config import Config
+from rsd.contract import CHUNK_LEN, NUM_COARSE_LAYERS
 from rsd.draft.samples import DraftSamples
 from rsd.engine import Prediction
 from rsd.evaluation import Agent, init_worker, rollout, worker_agent, worker_env
 from rsd.parallel import run_unordered
 from rsd.progress import Progress
-from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig, placement_seed, task_indices
+from rsd.sim.env import LiberoEnv, SimConfig, placement_seed
+from rsd.sim.suite import NUM_TASKS, TASKS_EXPECTED, are_task_indices, task_indices
 
 log = logging.getLogger("rsd.collect")
 
 COLLECT_STREAM = 1  # placement-seed stream of this stage (demos use 0)
-NUM_COARSE_LAYERS = 3
 
 
 @dataclass
-class CollectConfig:
+class CollectConfig(Config):
     """How many main-policy rollouts to record, and how."""
+
+    prefix: ClassVar[str] = "collect"
 
     episodes_per_task: int = 8
     """Rollouts per libero_spatial task, each from its own fresh placement."""
     query_every_step: bool = True
     """Ask the policy at every env step (one sample per step) while still executing chunks open loop."""
-    execute_steps: int = 8
+    execute_steps: int = CHUNK_LEN
     """Actions of each chunk executed before the next real policy call (as in evaluation)."""
     tasks: list[int] | None = None
     """libero_spatial task indices; None means all ten."""
     workers: int = 2
     """Parallel simulator processes."""
 
-    def __post_init__(self) -> None:
-        if self.episodes_per_task < 1:
-            raise ValueError(f"collect.episodes_per_task must be at least 1, got {self.episodes_per_task}")
-        if not 1 <= self.execute_steps <= 8:
-            raise ValueError(f"collect.execute_steps must be in 1..8 (the chunk length), got {self.execute_steps}")
-        task_indices(self.tasks, "collect.tasks")
-        if self.workers < 1:
-            raise ValueError(f"collect.workers must be at least 1, got {self.workers}")
+    def validate(self) -> None:
+        self.check(self.episodes_per_task >= 1, "episodes_per_task", "at least 1")
+        self.check(1 <= self.execute_steps <= CHUNK_LEN, "execute_steps", f"in 1..{CHUNK_LEN} (the chunk length)")
+        self.check(are_task_indices(self.tasks), "tasks", TASKS_EXPECTED)
+        self.check(self.workers >= 1, "workers", "at least 1")
 
     @property
     def task_indices(self) -> list[int]:
-        return task_indices(self.tasks, "collect.tasks")
+        return task_indices(self.tasks, f"{self.prefix}.tasks")
 
 
 def _collect_episode(job: tuple[int, int, int, CollectConfig]) -> tuple[int, int, bool, dict[str, np.ndarray]]:

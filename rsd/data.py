@@ -26,12 +26,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from rsd.contract import ACTION_DIM, CHUNK_LEN
 from rsd.io import atomic_path
 
-CHUNK_LEN = 8  # actions per policy call, executed open loop
-ACTION_DIM = 7  # xyz delta, rotation delta, gripper
-PROPRIO_DIM = 8  # eef position (3), eef axis-angle (3), gripper qpos (2)
 DEMO_SUFFIX = "_demo.hdf5"
+
+
+def proprio_vector(ee_pos: np.ndarray, ee_ori: np.ndarray, gripper_states: np.ndarray) -> np.ndarray:
+    """The policy's proprio input, float32 [..., PROPRIO_DIM]: eef position (3), eef axis-angle (3), gripper
+    finger qpos (2), for one step ([3], [3], [2]) or an episode ([T, 3], ...). The one definition, so that
+    the policy is trained (from demos) and run (from live observations) on the same vector."""
+    return np.concatenate([ee_pos, ee_ori, gripper_states], axis=-1).astype(np.float32)
 
 
 @dataclass
@@ -54,8 +59,8 @@ class Demo:
 
     @property
     def proprio(self) -> np.ndarray:
-        """[T, 8] float32: the policy's proprio input, as rsd.sim builds it from a live observation."""
-        return np.concatenate([self.ee_pos, self.ee_ori, self.gripper_states], axis=1).astype(np.float32)
+        """[T, 8] float32: the policy's proprio input at every step (see `proprio_vector`)."""
+        return proprio_vector(self.ee_pos, self.ee_ori, self.gripper_states)
 
 
 @dataclass

@@ -7,13 +7,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
+from rsd.config import Config
 from rsd.data import Demo, TaskDemos, demo_files, demo_path, read_task_demos, write_task_demos
 from rsd.parallel import run_unordered
 from rsd.progress import Progress
-from rsd.sim.env import NUM_TASKS, LiberoEnv, SimConfig, placement_seed, task_indices
+from rsd.sim.env import LiberoEnv, SimConfig, cached_env, placement_seed
+from rsd.sim.suite import NUM_TASKS, TASKS_EXPECTED, are_task_indices, task_indices
 from rsd.sim.expert import rollout_expert
 
 log = logging.getLogger("rsd.demos")
@@ -22,8 +25,10 @@ DEMOS_STREAM = 0  # placement-seed stream of this stage (collect uses its own)
 
 
 @dataclass
-class DemosConfig:
+class DemosConfig(Config):
     """Where demonstrations come from, and how many."""
+
+    prefix: ClassVar[str] = "demos"
 
     source: str = "expert"
     """`expert` runs the scripted expert; otherwise a folder of LIBERO `<task>_demo.hdf5` files to use instead."""
@@ -39,24 +44,17 @@ class DemosConfig:
     workers: int = 2
     """Parallel simulator processes."""
 
-    def __post_init__(self) -> None:
-        task_indices(self.tasks, "demos.tasks")
-        if self.attempts_per_task < 1:
-            raise ValueError(f"demos.attempts_per_task must be at least 1, got {self.attempts_per_task}")
-        extra = self.extra_attempts or {}
-        if not isinstance(extra, dict) or not all(
-            t in range(NUM_TASKS) and isinstance(n, int) and not isinstance(n, bool) and n >= 0 for t, n in extra.items()
-        ):
-            raise ValueError(f"demos.extra_attempts must map task indices 0..{NUM_TASKS - 1} to non-negative ints, "
-                             f"got {self.extra_attempts!r}")
-        if self.max_steps < 1:
-            raise ValueError(f"demos.max_steps must be positive, got {self.max_steps}")
-        if self.workers < 1:
-            raise ValueError(f"demos.workers must be at least 1, got {self.workers}")
+    def validate(self) -> None:
+        self.check(are_task_indices(self.tasks), "tasks", TASKS_EXPECTED)
+        self.check(self.attempts_per_task >= 1, "attempts_per_task", "at least 1")
+        self.check(all(0 <= t < NUM_TASKS and n >= 0 for t, n in (self.extra_attempts or {}).items()),
+                   "extra_attempts", f"a mapping of task indices 0..{NUM_TASKS - 1} to non-negative ints")
+        self.check(self.max_steps >= 1, "max_steps", "positive")
+        self.check(self.workers >= 1, "workers", "at least 1")
 
     @property
     def task_indices(self) -> list[int]:
-        return task_indices(self.tasks, "demos.tasks")
+        return task_indices(self.tasks, f"{self.prefix}.tasks")
 
     def attempts(self, task: int) -> int:
         """Expert episodes of `task`."""
@@ -83,7 +81,6 @@ def make_demos(config: DemosConfig, sim: SimConfig, seed: int, out_dir: str | Pa
 
 # --- the scripted expert, over worker processes ----------------------------------------------
 
-_worker_envs: dict[tuple[int, bool], LiberoEnv] = {}
 _worker_sim: SimConfig | None = None
 
 
@@ -92,23 +89,13 @@ def _init_worker(sim: SimConfig) -> None:
     _worker_sim = sim
 
 
-def _env(task: int, render: bool) -> LiberoEnv:
-    """This worker's env for a task, built once; envs of other tasks are closed to bound memory."""
-    key = (task, render)
-    if key not in _worker_envs:
-        for other in [k for k in _worker_envs if k[0] != task]:
-            _worker_envs.pop(other).close()
-        _worker_envs[key] = LiberoEnv(task, _worker_sim, render=render)
-    return _worker_envs[key]
-
-
 def _attempt(job: tuple[int, int, int, int]) -> tuple[int, int, bool, int, Demo | None]:
     """Run one expert attempt without rendering; render the frames of a success by replaying its states."""
     task, attempt, seed, max_steps = job
-    episode = rollout_expert(_env(task, render=False), seed=seed, max_steps=max_steps)
+    episode = rollout_expert(cached_env(task, _worker_sim, render=False), seed=seed, max_steps=max_steps)
     if not episode.success:
         return task, attempt, False, episode.length, None
-    renderer = _env(task, render=True)
+    renderer = cached_env(task, _worker_sim, render=True)
     renderer.reset(seed=seed)  # fixtures live in the model, not the state: same seed, same fixtures
     agentview, wrist = renderer.render_states(episode.states)
     demo = Demo(

@@ -21,36 +21,38 @@ pass; in relaxed mode those of later layers were conditioned on the draft's near
 
 Speed: a call runs under `torch.inference_mode`, reads back to the host once per decision (one
 boolean per draft layer, one list of acceptance rates), caches each instruction's word ids, and runs
-the draft through `LeanDraft`: the same function as `RFSQDraftModelWithProjection.forward`, with the
-query-only products precomputed and the single-token cross-attention folded into one matrix, in the
-precision `draft_precision` asks for.
+the draft in the precision `draft_precision` asks for, through its inference form
+(`rsd.draft.model.proposer`).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from rsd.draft.model import RFSQDraftModelWithProjection, load_draft
+from rsd.config import Config
+from rsd.contract import CHUNK_LEN, CODES_PER_LAYER, LATENT_DIM
+from rsd.draft.model import RFSQDraftModelWithProjection, in_precision, load_draft, proposer
 from rsd.policy.model import MainPolicy, PolicyCache
 from rsd.tokenizer.model import RFSQTokenizer
 
 log = logging.getLogger("rsd.engine")
 
 MODES = ("none", "strict", "relaxed")
+"""Acceptance modes: no draft, then the two acceptance rules."""
 DRAFT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
-class EngineConfig:
-    """How the engine decodes."""
+class EngineConfig(Config):
+    """How the engine decodes (set by params.yaml `eval`; the mode by the variant)."""
+
+    prefix: ClassVar[str] = "eval"
 
     mode: str = "none"
     """`none` (no draft), `strict` (lossless speculation) or `relaxed` (per-code tolerance)."""
@@ -60,13 +62,10 @@ class EngineConfig:
     """`fp32` or `bf16`: the precision the draft model runs in. bf16 halves its time on a CPU with
     AVX512-BF16 (and on a GPU); main checks every proposal, so strict decoding stays exact either way."""
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"engine mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if not isinstance(self.tolerance, int) or self.tolerance < 0:
-            raise ValueError(f"engine tolerance must be a non-negative int, got {self.tolerance!r}")
-        if self.draft_precision not in DRAFT_DTYPES:
-            raise ValueError(f"engine draft_precision must be one of {', '.join(DRAFT_DTYPES)}; got {self.draft_precision!r}")
+    def validate(self) -> None:
+        self.check(self.mode in MODES, "mode", f"one of {', '.join(MODES)}")
+        self.check(self.tolerance >= 0, "tolerance", "a non-negative int")
+        self.check(self.draft_precision in DRAFT_DTYPES, "draft_precision", f"one of {', '.join(DRAFT_DTYPES)}")
 
 
 @dataclass
@@ -77,87 +76,6 @@ class Prediction:
     tokens: Tensor  # [8, 16, L] the RFSQ codes decoded
     hidden_state: Tensor  # [H] main's hidden state at the act position (what the draft reads)
     stats: dict[str, float]  # draft_ms, main_ms, total_ms, main_passes, acceptance...
-
-
-class LeanDraft:
-    """`RFSQDraftModelWithProjection.propose` with less work per call, for inference.
-
-    The draft's decoder layer (post-norm, as torch's `TransformerDecoderLayer` defaults to) sees
-    `tgt = queries + context` and a memory of ONE token, the context. Two facts make it cheap:
-
-    - the self-attention input projection is linear, so `tgt @ W_in.T = queries @ W_in.T + context @
-      W_in.T`: the first term is fixed and precomputed, leaving a one-row product per call;
-    - attention over a single memory token gives every query that token's value (softmax over one key
-      is 1), so the cross-attention output is `out_proj(v_proj(context))`, the same row for every
-      query: one row through the product `W_out @ W_v`, precomputed.
-
-    The result equals the module's forward up to float rounding (checked on random inputs when built;
-    `from_draft` returns None, and the engine uses the module itself, when the check fails or the model
-    is not an `RFSQDraftModelWithProjection`). Weights are read once: rebuild it after loading others.
-    """
-
-    def __init__(self, draft: RFSQDraftModelWithProjection) -> None:
-        c = draft.config
-        layer = draft.decoder.decoder_layer
-        sa, ca = layer.self_attn, layer.multihead_attn
-        D = c.hidden_dim
-        with torch.no_grad():
-            queries = draft.decoder.query_embed.weight  # [Q, D]
-            self.query_qkv = queries @ sa.in_proj_weight.T  # [Q, 3D]
-            w_v, b_v = ca.in_proj_weight[2 * D:], ca.in_proj_bias[2 * D:]
-            cross_w = ca.out_proj.weight @ w_v  # [D, D]
-            cross_b = ca.out_proj.weight @ b_v + ca.out_proj.bias  # [D]
-            # one product of the context gives its share of q, k, v and the cross-attention row
-            self.context_w = torch.cat([sa.in_proj_weight, cross_w]).contiguous()  # [4D, D]
-            self.context_b = torch.cat([sa.in_proj_bias, cross_b]).contiguous()  # [4D]
-        self.queries = queries.detach()
-        self.proj, self.sa_out = draft.input_projection, sa.out_proj
-        self.norm1, self.norm2, self.norm3 = layer.norm1, layer.norm2, layer.norm3
-        self.linear1, self.linear2, self.head = layer.linear1, layer.linear2, draft.head
-        self.heads, self.hidden_dim = sa.num_heads, D
-        self.shape = (c.num_coarse_layers, c.codes_per_layer, c.levels)
-        self.dtype = draft.input_projection.weight.dtype
-
-    @classmethod
-    def from_draft(cls, draft: nn.Module) -> LeanDraft | None:
-        """A LeanDraft for `draft` if it is a standard draft model whose logits it reproduces (to 1e-3 of
-        their range in float32, 3e-2 in half precision), else None."""
-        if not isinstance(draft, RFSQDraftModelWithProjection):
-            return None
-        layer = draft.decoder.decoder_layer
-        if layer.norm_first or layer.activation is not F.gelu or not layer.self_attn._qkv_same_embed_dim:
-            return None
-        lean = cls(draft)
-        weight = draft.input_projection.weight
-        generator = torch.Generator().manual_seed(0)
-        probe = torch.randn(4, draft.config.input_dim, generator=generator).to(weight.device, weight.dtype)
-        with torch.inference_mode():
-            expected, got = draft.eval()(probe).float(), lean.logits(probe).float()
-        atol = 1e-3 if weight.dtype == torch.float32 else 3e-2
-        scale = float(expected.abs().max()) + 1e-6
-        if not torch.allclose(got, expected, atol=atol * scale, rtol=0):
-            log.warning("lean draft path disagrees with the draft model (max diff %.3g); using the model",
-                        float((got - expected).abs().max()))
-            return None
-        return lean
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        """hidden [B, input_dim] -> logits [B, K, 128, levels], as the draft model's forward (eval mode)."""
-        D = self.hidden_dim
-        context = self.proj(hidden.to(self.dtype))  # [B, D]
-        shared = F.linear(context, self.context_w, self.context_b)  # [B, 4D]: q, k, v shares + cross row
-        qkv = self.query_qkv + shared[:, None, : 3 * D]  # [B, Q, 3D]
-        B, Q = qkv.shape[:2]
-        q, k, v = qkv.view(B, Q, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [B, heads, Q, d] each
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Q, D)
-        x = self.norm1(self.queries + context[:, None] + self.sa_out(attn))
-        x = self.norm2(x + shared[:, None, 3 * D:])
-        x = self.norm3(x + self.linear2(F.gelu(self.linear1(x))))
-        return self.head(x).view(B, *self.shape)
-
-    def propose(self, hidden: Tensor) -> Tensor:
-        """Greedy draft: hidden [B, input_dim] -> codes long [B, K, 128]."""
-        return self.logits(hidden).argmax(dim=-1)
 
 
 class RSDEngine:
@@ -177,17 +95,14 @@ class RSDEngine:
                 raise ValueError(f"the draft proposes {draft.config.num_coarse_layers} layers; the policy has only {policy.config.num_layers}")
             if draft.config.num_coarse_layers < 2:
                 raise ValueError("the draft must propose at least 2 layers (layer 0 is main's own, from the prefill)")
-            if isinstance(draft, nn.Module):
-                draft.eval()
-            dtype = DRAFT_DTYPES[self.config.draft_precision]
-            if isinstance(draft, RFSQDraftModelWithProjection) and draft.input_projection.weight.dtype != dtype:
-                draft = copy.deepcopy(draft).to(dtype)  # a copy: the caller's model stays as it was
+            draft = in_precision(draft, DRAFT_DTYPES[self.config.draft_precision])
         self.policy, self.tokenizer, self.draft = policy.eval(), tokenizer.eval(), draft
         self.device = next(policy.parameters()).device
-        self._propose = None
+        self._propose: Callable[[Tensor], Tensor] | None = None
+        self._proposal_shape: tuple[int, ...] | str = "-"  # for the debug line: [1, K, 128] per call
         if draft is not None and self.config.mode != "none":
-            lean = LeanDraft.from_draft(draft)
-            self._propose = lean.propose if lean is not None else draft.propose
+            self._propose = proposer(draft)
+            self._proposal_shape = (1, draft.config.num_coarse_layers, CODES_PER_LAYER)
         self._instructions: dict[str, dict[str, Tensor]] = {}
 
     # ---- one policy call ----------------------------------------------------------------------------
@@ -204,19 +119,18 @@ class RSDEngine:
         else:
             stats = self._decode_speculative(hidden, codes, cache)
         stats["main_ms"] = (self._now() - t0) * 1e3 - stats.get("draft_ms", 0.0)
-        tokens = torch.stack(codes, dim=-1).unflatten(1, (8, 16))  # [1, 8, 16, L]
+        tokens = torch.stack(codes, dim=-1).unflatten(1, (CHUNK_LEN, LATENT_DIM))  # [1, 8, 16, L]
         chunk = self.tokenizer.decode(tokens.cpu())[0].numpy()  # [8, 7]
         stats["total_ms"] = (self._now() - start) * 1e3
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Draft time: %.2f ms, Draft tokens shape: %s, Main time: %.2f ms, total %.2f ms, passes %d, "
-                      "acceptance %s, Actions shape: %s", stats.get("draft_ms", 0.0), stats.pop("_draft_shape", "-"),
+                      "acceptance %s, Actions shape: %s", stats.get("draft_ms", 0.0), self._proposal_shape,
                       stats["main_ms"], stats["total_ms"], stats["main_passes"], stats.get("token_acceptance", "-"),
                       chunk.shape)
-        stats.pop("_draft_shape", None)
         return Prediction(chunk, tokens[0], hidden[0], stats)
 
     def _decode_plain(self, codes: list[Tensor], cache: PolicyCache) -> dict[str, Any]:
-        """Layers 1..L-1, one pass each (what MainPolicy.generate does, keeping the hidden state)."""
+        """Layers 1..L-1, one pass each, each fed the codes decoded for the layer before: greedy decoding."""
         for layer in range(1, self.policy.config.num_layers):
             codes.append(self.policy.step(codes[-1], layer, cache).argmax(-1))
         return {"main_passes": self.policy.config.num_layers}
@@ -247,7 +161,6 @@ class RSDEngine:
             "main_passes": num_layers - accepted,
             "accepted_layers": accepted,
             "token_acceptance": sum(per_layer) / K,
-            "_draft_shape": tuple(proposal.shape),
         }
         for layer, value in enumerate(per_layer):
             stats[f"token_acceptance_L{layer}"] = value
@@ -289,37 +202,6 @@ class RSDEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
-
-
-# ---- benchmarking aids: a draft whose proposal is set from outside ---------------------------------
-
-
-class PinnedDraft(nn.Module):
-    """Runs the real draft model (for its cost), then returns the proposal set for this call, if any."""
-
-    def __init__(self, draft: RFSQDraftModelWithProjection) -> None:
-        super().__init__()
-        self.inner, self.config = draft, draft.config
-        self.lean = LeanDraft.from_draft(draft)
-        self.proposal: Tensor | None = None
-
-    def propose(self, hidden: Tensor) -> Tensor:
-        computed = (self.lean or self.inner).propose(hidden)  # [1, K, 128], the real work
-        return computed if self.proposal is None else self.proposal
-
-
-def perfect_proposal(engine: RSDEngine, draft: PinnedDraft, inputs: dict[str, Any], plain: Tensor) -> Tensor:
-    """Main's codes [1, K, 128] as the verify pass sees them (a proposal strict mode keeps whole), starting
-    from no-draft decoding's tokens `plain` [8, 16, L]; `engine` decodes strictly through `draft`."""
-    K = draft.config.num_coarse_layers
-    proposal = plain.flatten(0, 1).T[None, :K].clone()
-    for _ in range(K + 1):  # each round fixes at least the first layer the verify pass saw differently
-        draft.proposal = proposal
-        prediction = engine.predict(inputs)
-        if prediction.stats["accepted_layers"] == K - 1:
-            return proposal
-        proposal = prediction.tokens.flatten(0, 1).T[None, :K].clone()
-    raise RuntimeError("could not find a proposal the verify pass accepts whole")
 
 
 def load_engine(policy_path: str, tokenizer_path: str, draft_path: str | None, config: EngineConfig, device: str = "cpu") -> RSDEngine:

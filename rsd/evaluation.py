@@ -10,14 +10,17 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
 
-from rsd.engine import Prediction
+from rsd.config import Config
+from rsd.contract import CHUNK_LEN
+from rsd.engine import EngineConfig, Prediction
 from rsd.parallel import run_unordered
 from rsd.progress import Progress
-from rsd.sim.env import LiberoEnv, SimConfig, task_indices
+from rsd.sim.env import LiberoEnv, SimConfig, cached_env
+from rsd.sim.suite import TASKS_EXPECTED, are_task_indices, task_indices
 
 log = logging.getLogger("rsd.eval")
 
@@ -27,30 +30,40 @@ class Agent(Protocol):
 
 
 @dataclass
-class EvalConfig:
-    """Which episodes to run and how."""
+class EvalConfig(Config):
+    """params.yaml `eval`: which episodes to run and how, and how the draft variants' engines decode."""
+
+    prefix: ClassVar[str] = "eval"
 
     init_states: int = 10
     """Benchmark init states 0..N-1 of every task are evaluated (LIBERO has 50 per task)."""
     tasks: list[int] | None = None
     """libero_spatial task indices; None means all ten."""
-    execute_steps: int = 8
+    execute_steps: int = CHUNK_LEN
     """Actions of each predicted chunk executed open loop before the policy is called again."""
     workers: int = 2
     """Parallel simulator processes, each with its own copy of the agent."""
+    tolerance: int = 1
+    """Relaxed acceptance (the draft_relaxed variant): levels a draft code may differ from main's."""
+    draft_precision: str = "bf16"
+    """The draft model's precision in the draft variants (`fp32` or `bf16`); main checks its proposals, so
+    strict decoding stays exact either way."""
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.init_states <= 50:
-            raise ValueError(f"eval.init_states must be in 1..50 (LIBERO's init states per task), got {self.init_states}")
-        task_indices(self.tasks, "eval.tasks")
-        if not 1 <= self.execute_steps <= 8:
-            raise ValueError(f"eval.execute_steps must be in 1..8 (the chunk length), got {self.execute_steps}")
-        if self.workers < 1:
-            raise ValueError(f"eval.workers must be at least 1, got {self.workers}")
+    def validate(self) -> None:
+        self.check(1 <= self.init_states <= 50, "init_states", "in 1..50 (LIBERO's init states per task)")
+        self.check(are_task_indices(self.tasks), "tasks", TASKS_EXPECTED)
+        self.check(1 <= self.execute_steps <= CHUNK_LEN, "execute_steps", f"in 1..{CHUNK_LEN} (the chunk length)")
+        self.check(self.workers >= 1, "workers", "at least 1")
+        self.engine_config("none")  # tolerance and draft_precision, checked as the engine checks them
 
     @property
     def task_indices(self) -> list[int]:
-        return task_indices(self.tasks, "eval.tasks")
+        return task_indices(self.tasks, f"{self.prefix}.tasks")
+
+    def engine_config(self, mode: str) -> EngineConfig:
+        """The engine config of a variant whose acceptance mode is `mode` (`none`, `strict` or `relaxed`).
+        The evaluation itself reads none of these: the engine each worker builds does."""
+        return EngineConfig(mode=mode, tolerance=self.tolerance, draft_precision=self.draft_precision)
 
 
 @dataclass
@@ -71,7 +84,7 @@ def init_worker(make_agent: Callable[[], Agent], sim: SimConfig) -> None:
     import torch
 
     torch.set_num_threads(1)
-    _worker.update(agent=make_agent(), sim=sim, envs={})
+    _worker.update(agent=make_agent(), sim=sim)
 
 
 def worker_agent() -> Agent:
@@ -80,13 +93,8 @@ def worker_agent() -> Agent:
 
 
 def worker_env(task: int) -> LiberoEnv:
-    """This worker's env for `task`, built once; the env of another task is closed first."""
-    envs: dict[int, LiberoEnv] = _worker["envs"]
-    if task not in envs:
-        for other in list(envs):
-            envs.pop(other).close()
-        envs[task] = LiberoEnv(task, _worker["sim"])
-    return envs[task]
+    """This worker's rendering env for `task` (`rsd.sim.env.cached_env`: built once, other tasks' closed)."""
+    return cached_env(task, _worker["sim"])
 
 
 def rollout(

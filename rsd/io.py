@@ -54,3 +54,21 @@ def load_torch(path: str | os.PathLike, what: str) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{what} checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def state_dict_problems(model: torch.nn.Module, state_dict: dict[str, Any]) -> list[str]:
+    """Why `state_dict` would not load into `model` (missing, unexpected or misshapen tensors), sorted; [] if it
+    would. Checked before `load_state_dict`, so that a checkpoint that does not fit its config is refused with
+    every problem named, not torch's first one."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in state_dict.items()}
+    problems = [f"missing {k}" for k in expected.keys() - found.keys()]
+    problems += [f"unexpected {k}" for k in found.keys() - expected.keys()]
+    problems += [f"{k}: {found[k]} vs {expected[k]} expected" for k in expected.keys() & found.keys()
+                 if found[k] != expected[k]]
+    return sorted(problems)
+
+
+def misfit_message(problems: list[str], limit: int = 10) -> str:
+    """The first `limit` of `state_dict_problems`, joined, and how many more there are."""
+    return "; ".join(problems[:limit]) + (f" (+{len(problems) - limit} more)" if len(problems) > limit else "")

@@ -5,7 +5,7 @@ The committed params.yaml is the default profile (small but real, about 70 minut
 
 - `smoke`: the whole DAG in minutes on 2 cores (one task, a few episodes, an epoch or two); the tests
   run it, and it proves the pipeline runs, not that it learns;
-- `full`: the original recipe's scale, for a machine with a GPU and more cores.
+- `full`: the scale of the draft recipe (600 rollouts, 50 epochs, 50 trials a task), for a machine with a GPU and more cores.
 
 `rsd profile NAME` writes those values into params.yaml in place (comments and order kept), so DVC sees
 ordinary param changes and re-runs what they touch. Every profile sets the same keys, so going from

@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 from tqdm import tqdm
 
@@ -49,3 +50,13 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def live_run(directory: str | os.PathLike) -> Any:
+    """A DVCLive run logging training curves under `directory` (dvclive.Live, a context manager).
+
+    Curves only: dvc.yaml declares the plots, and DVC itself records the experiment.
+    """
+    from dvclive import Live
+
+    return Live(str(directory), save_dvc_exp=False, dvcyaml=False)

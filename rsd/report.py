@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from rsd.config import Config
 from rsd.io import atomic_path
 
 SOURCES = {
@@ -26,9 +26,9 @@ SOURCES = {
     "collect": "collect",
     "train": "train",
     "verify": "verify",
-    "eval_no_draft": "eval@no_draft",
-    "eval_draft": "eval@draft",
-    "eval_draft_relaxed": "eval@draft_relaxed",
+    "eval_no_draft": "eval_no_draft",
+    "eval_draft": "eval_draft",
+    "eval_draft_relaxed": "eval_draft_relaxed",
     "bench": "bench",
 }
 """metrics/<name>.json the report reads -> the stage that writes it."""
@@ -40,9 +40,10 @@ PLOTS = ("training_curves.png", "per_task_success.png", "latency_breakdown.png")
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Config):
     """params.yaml `report`: the targets the conclusion checks against."""
 
+    prefix: ClassVar[str] = "report"
     min_speedup: float = 1.3
     """Benchmark speedup (median no-draft / median draft latency) the draft must reach."""
     min_token_acceptance: float = 0.6
@@ -52,11 +53,9 @@ class ReportConfig:
     max_gpu_memory_gb_7b: float = 16.0
     """Peak GPU memory the engine with the draft may use at OpenVLA's 7B shape (metrics/bench_7b.json)."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("min_speedup", "min_token_acceptance", "max_relaxed_success_drop", "max_gpu_memory_gb_7b"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"report.{name} must be a non-negative number, got {value!r}")
+            self.check(getattr(self, name) >= 0, name, "a non-negative number")
 
 
 class Metrics:

@@ -36,8 +36,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from rsd.draft.model import RFSQDraftModelWithProjection  # noqa: E402
-from rsd.engine import EngineConfig, PinnedDraft, RSDEngine, perfect_proposal  # noqa: E402
+from rsd.bench import PinnedDraft, perfect_proposal  # noqa: E402
+from rsd.draft.model import LeanDraft, RFSQDraftModelWithProjection  # noqa: E402
+from rsd.engine import EngineConfig, RSDEngine  # noqa: E402
 from rsd.policy.config import BackboneConfig, PolicyConfig, build_vocab  # noqa: E402
 from rsd.policy.model import MainPolicy  # noqa: E402
 from rsd.tokenizer.config import TokenizerConfig  # noqa: E402
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "verify_pass_code_mismatches": int(mismatches),
         "observations": len(obs),
         "repetitions": args.repetitions,
-        "lean_draft": pinned_draft.lean is not None,
+        "lean_draft": LeanDraft.from_draft(draft) is not None,  # the draft ran through its lean inference form
         "torch": torch.__version__,
         "wall_seconds": round(time.monotonic() - start, 1),
     }

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from rsd.bench import BenchConfig, _quotas, benchmark, explain_difference
+from rsd.bench import BenchConfig, benchmark, explain_difference
+from rsd.recording import _quotas
 from rsd.draft.model import RFSQDraftModelWithProjection
 from rsd.engine import EngineConfig, RSDEngine
-from rsd.policy import MainPolicy, PolicyConfig, build_vocab
+from rsd.policy.config import PolicyConfig, build_vocab
+from rsd.policy.model import MainPolicy
 from rsd.tokenizer.config import TokenizerConfig
 from rsd.tokenizer.model import RFSQTokenizer
 

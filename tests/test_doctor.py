@@ -18,9 +18,12 @@ from rsd.cli import app
 from rsd.doctor import CheckResult, DoctorConfig, run_doctor, summary
 from rsd.draft.config import DraftConfig
 from rsd.draft.model import RFSQDraftModelWithProjection
-from rsd.draft.train import evaluate, save_checkpoint
-from rsd.policy import BackboneConfig, MainPolicy, PolicyConfig, build_vocab
-from rsd.tokenizer import RFSQTokenizer, TokenizerConfig
+from rsd.draft.train import build_checkpoint, evaluate
+from rsd.io import save_torch
+from rsd.policy.config import BackboneConfig, PolicyConfig, build_vocab
+from rsd.policy.model import MainPolicy
+from rsd.tokenizer.config import TokenizerConfig
+from rsd.tokenizer.model import RFSQTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 H = 64  # the tiny policy's hidden size
@@ -39,12 +42,12 @@ def tiny_policy(num_layers: int = 4) -> MainPolicy:
 
 
 def save_tiny_draft(path: Path, input_dim: int = H) -> None:
-    """A real draft checkpoint (train.save_checkpoint), its validation numbers measured on random samples."""
+    """A real draft checkpoint (train.build_checkpoint), its validation numbers measured on random samples."""
     torch.manual_seed(0)
     model = RFSQDraftModelWithProjection(DraftConfig(input_dim=input_dim, hidden_dim=32, num_heads=2, ff_dim=32))
     optimizer = torch.optim.AdamW(model.parameters())
     val = evaluate(model, torch.randn(8, input_dim), torch.randint(0, 7, (8, 3, 128)), torch.device("cpu"))
-    save_checkpoint(path, model, optimizer, 1, val)
+    save_torch(path, build_checkpoint(model.state_dict(), optimizer.state_dict(), model.config, 1, val))
 
 
 def git_dvc_repo(path: Path) -> None:
@@ -67,6 +70,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_policy().save(root / "models" / "policy.pt")
     save_tiny_draft(root / "models" / "draft.pt")
     git_dvc_repo(root)
+    (root / "dvc.yaml").write_bytes((ROOT / "dvc.yaml").read_bytes())  # where the doctor finds the checkpoints
     return root
 
 
@@ -94,14 +98,22 @@ def test_an_empty_folder_names_what_is_missing_and_exits_non_zero(tmp_path: Path
     assert result.exit_code == 1, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
     assert "params file not found" in lines["params"] and "params.yaml — fix: " in lines["params"]
-    assert lines["tokenizer"].startswith("tokenizer failed: models/tokenizer.pt not found — fix: run `dvc repro tokenizer`")
-    assert lines["policy"].startswith("policy    failed: models/policy.pt not found — fix: run `dvc repro policy`")
-    assert lines["draft"].startswith("draft     ok — models/draft.pt not made yet")  # comes late in the pipeline
+    for name in ("tokenizer", "policy", "draft"):  # their paths come from the pipeline's definition
+        assert f"{name:<9} failed: {tmp_path / 'dvc.yaml'} not found" in lines[name], lines[name]
+        assert lines[name].endswith("fix: run from the project folder (a clone of the repository), or pass --root")
     assert lines["dvc"].startswith("dvc       failed:")
     assert lines["remote"].startswith("remote    failed (optional):")
     assert lines["torch"].startswith("torch     ok — torch ") and lines["disk"].startswith("disk      ok")
     assert "libero" not in lines
-    assert lines["doctor:"].startswith("doctor: 3 ok, 4 failed (params, tokenizer, policy, dvc), 1 optional failed")
+    assert lines["doctor:"].startswith("doctor: 2 ok, 5 failed (params, tokenizer, policy, draft, dvc), 1 optional failed")
+
+
+def test_missing_checkpoints_name_the_stage_that_makes_them(tmp_path: Path) -> None:
+    (tmp_path / "dvc.yaml").write_bytes((ROOT / "dvc.yaml").read_bytes())
+    checks = by_name(run_doctor(DoctorConfig(root=tmp_path, skip=("libero", "remote", "dvc", "params", "torch"))))
+    assert checks["tokenizer"].line(9).startswith("tokenizer failed: models/tokenizer.pt not found — fix: run `dvc repro tokenizer`")
+    assert checks["policy"].line(9).startswith("policy    failed: models/policy.pt not found — fix: run `dvc repro policy`")
+    assert checks["draft"].line(9).startswith("draft     ok — models/draft.pt not made yet")  # comes late in the pipeline
 
 
 def test_tiny_real_checkpoints_a_dvc_repo_and_a_reachable_remote_pass(project: Path, s3_endpoint: str, aws: None) -> None:
@@ -124,6 +136,7 @@ def test_tiny_real_checkpoints_a_dvc_repo_and_a_reachable_remote_pass(project: P
 def test_checkpoints_that_do_not_fit_each_other_fail(project: Path, tmp_path: Path) -> None:
     root = tmp_path / "mismatched"
     (root / "models").mkdir(parents=True)
+    (root / "dvc.yaml").write_bytes((project / "dvc.yaml").read_bytes())
     (root / "params.yaml").write_bytes((project / "params.yaml").read_bytes())
     (root / "models" / "tokenizer.pt").write_bytes((project / "models" / "tokenizer.pt").read_bytes())
     tiny_policy(num_layers=5).save(root / "models" / "policy.pt")  # trained for a 5-layer tokenizer
@@ -136,6 +149,7 @@ def test_checkpoints_that_do_not_fit_each_other_fail(project: Path, tmp_path: Pa
 def test_a_malformed_draft_fails_with_the_failed_verify_checks(project: Path, tmp_path: Path) -> None:
     root = tmp_path / "bad-draft"
     (root / "models").mkdir(parents=True)
+    (root / "dvc.yaml").write_bytes((project / "dvc.yaml").read_bytes())
     (root / "params.yaml").write_bytes((project / "params.yaml").read_bytes())
     for name in ("tokenizer.pt", "policy.pt"):
         (root / "models" / name).write_bytes((project / "models" / name).read_bytes())
@@ -144,6 +158,22 @@ def test_a_malformed_draft_fails_with_the_failed_verify_checks(project: Path, tm
     assert checks["policy"].ok and not checks["draft"].ok
     assert "projection_present" in checks["draft"].detail and f"hidden size is {H}" in checks["draft"].detail
     assert "dvc repro train" in checks["draft"].fix
+
+
+def test_a_draft_below_the_bar_is_reported_but_does_not_fail(project: Path, tmp_path: Path) -> None:
+    root = tmp_path / "weak-draft"
+    (root / "models").mkdir(parents=True)
+    (root / "dvc.yaml").write_bytes((project / "dvc.yaml").read_bytes())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["verify"] = {"min_val_accuracy": 0.99}  # above a random draft's
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for name in ("tokenizer.pt", "policy.pt", "draft.pt"):
+        (root / "models" / name).write_bytes((project / "models" / name).read_bytes())
+    results = run_doctor(DoctorConfig(root=root, skip=("libero", "remote", "dvc")))
+    draft = by_name(results)["draft"]
+    assert not draft.ok and not draft.required and "is below the bar 0.990" in draft.detail
+    assert "the evaluations still run" in draft.fix
+    assert summary(results)[1] is True
 
 
 def test_a_missing_bucket_and_bad_params_are_named(project: Path, tmp_path: Path, s3_endpoint: str, aws: None) -> None:

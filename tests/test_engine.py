@@ -1,19 +1,16 @@
 """The RSD engine: speculative decoding must reproduce no-draft decoding in strict mode, whatever the draft says."""
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from rsd.engine import EngineConfig, RSDEngine
 from rsd.evaluation import EvalConfig
-from rsd.pipeline import EVAL_VARIANTS, draft_engine_config
-from rsd.policy import MainPolicy, PolicyConfig, build_vocab
+from rsd.policy.config import PolicyConfig, build_vocab
+from rsd.policy.model import MainPolicy
 from rsd.tokenizer.config import TokenizerConfig
 from rsd.tokenizer.model import RFSQTokenizer
 
@@ -77,9 +74,8 @@ def test_strict_speculation_equals_plain_decoding(parts, wrong_layers, expected_
 
 
 def test_lean_draft_matches_the_draft_model():
-    """The engine's draft path computes the draft model's logits (to float rounding) with less work."""
-    from rsd.draft.model import RFSQDraftModelWithProjection
-    from rsd.engine import LeanDraft
+    """The draft's inference form computes the draft model's logits (to float rounding) with less work."""
+    from rsd.draft.model import LeanDraft, RFSQDraftModelWithProjection, proposer
 
     torch.manual_seed(1)
     draft = RFSQDraftModelWithProjection(96, hidden_dim=64, num_heads=4, ff_dim=128).eval()
@@ -90,7 +86,9 @@ def test_lean_draft_matches_the_draft_model():
         expected = draft(hidden)
     assert torch.allclose(lean.logits(hidden), expected, atol=1e-5)
     assert torch.equal(lean.propose(hidden), draft.propose(hidden))
-    assert LeanDraft.from_draft(ScriptedDraft(96, torch.zeros(1, 3, 128, dtype=torch.long))) is None
+    assert isinstance(proposer(draft).__self__, LeanDraft)
+    scripted = ScriptedDraft(96, torch.zeros(1, 3, 128, dtype=torch.long))
+    assert LeanDraft.from_draft(scripted) is None and proposer(scripted) == scripted.propose  # the module's own
 
 
 def test_relaxed_accepts_codes_within_tolerance(parts):
@@ -116,30 +114,22 @@ def test_engine_refuses_mismatched_parts(parts):
         RSDEngine(policy, tokenizer, None, EngineConfig(mode="strict"))
     with pytest.raises(ValueError, match="hidden states of size 128"):
         RSDEngine(policy, tokenizer, ScriptedDraft(128, torch.zeros(1, 3, 128, dtype=torch.long)), EngineConfig(mode="strict"))
-    with pytest.raises(ValueError, match="engine mode"):
+    with pytest.raises(ValueError, match="eval.mode must be one of none, strict, relaxed, got 'fast'"):
         EngineConfig(mode="fast")
-    with pytest.raises(ValueError, match="draft_precision must be one of fp32, bf16; got 'fp16'"):
+    with pytest.raises(ValueError, match="eval.draft_precision must be one of fp32, bf16, got 'fp16'"):
         EngineConfig(mode="strict", draft_precision="fp16")
+    with pytest.raises(ValueError, match="eval.tolerance must be an int, got 1.5"):
+        EngineConfig(mode="relaxed", tolerance=1.5)
 
 
 def test_eval_params_configure_the_draft_engines():
-    params = {"eval": {"tolerance": 2, "draft_precision": "bf16", "init_states": 6}}
-    engine = draft_engine_config(params, "relaxed")
+    config = EvalConfig(tolerance=2, draft_precision="bf16", init_states=6)
+    engine = config.engine_config("relaxed")
     assert (engine.mode, engine.tolerance, engine.draft_precision) == ("relaxed", 2, "bf16")
-    assert draft_engine_config({}).mode == "strict"
-    with pytest.raises(ValueError, match="params: eval .*tolerance must be a non-negative int, got -1"):
-        draft_engine_config({"eval": {"tolerance": -1}}, "relaxed")
-    with pytest.raises(ValueError, match="params: eval .*draft_precision must be one of fp32, bf16; got 'int8'"):
-        draft_engine_config({"eval": {"draft_precision": "int8"}})
-
-
-def test_each_eval_variant_depends_on_the_params_it_reads():
-    """dvc.yaml: every variant on every evaluator key, the draft variants on the engine keys their mode reads."""
-    stage = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]["eval"]
-    evaluator = {f"eval.{field.name}" for field in dataclasses.fields(EvalConfig)}
-    assert evaluator <= set(stage["do"]["params"])
-    reads = {"none": set(), "strict": {"eval.draft_precision"}, "relaxed": {"eval.draft_precision", "eval.tolerance"}}
-    assert set(stage["foreach"]) == set(EVAL_VARIANTS)
-    for variant, mode in EVAL_VARIANTS.items():
-        item = stage["foreach"][variant]
-        assert {item["engine_1"], item["engine_2"]} - evaluator == reads[mode], variant
+    assert EvalConfig().engine_config("strict") == EngineConfig(mode="strict", tolerance=1, draft_precision="bf16")
+    with pytest.raises(ValueError, match="eval.tolerance must be a non-negative int, got -1"):
+        EvalConfig(tolerance=-1)
+    with pytest.raises(ValueError, match="eval.draft_precision must be one of fp32, bf16, got 'int8'"):
+        EvalConfig(draft_precision="int8")
+    with pytest.raises(ValueError, match="eval.mode must be one of none, strict, relaxed, got 'fast'"):
+        EvalConfig().engine_config("fast")

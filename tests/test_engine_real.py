@@ -16,7 +16,8 @@ import torch
 from rsd.bench import explain_difference
 from rsd.draft.model import RFSQDraftModelWithProjection
 from rsd.engine import EngineConfig, RSDEngine
-from rsd.policy import MainPolicy, PolicyConfig, build_vocab
+from rsd.policy.config import PolicyConfig, build_vocab
+from rsd.policy.model import MainPolicy
 from rsd.policy.config import BackboneConfig
 from rsd.sim.env import LiberoEnv, SimConfig
 from rsd.tokenizer.config import TokenizerConfig

@@ -77,7 +77,7 @@ def plots_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from dvclive import Live
 
-    with Live(str(repo / "dvclive" / "tiny"), save_dvc_exp=False, dvcyaml=False) as live:  # as rsd.pipeline does
+    with Live(str(repo / "dvclive" / "tiny"), save_dvc_exp=False, dvcyaml=False) as live:  # as the training stages do (rsd.progress.live_run)
         for step in range(20):
             live.log_metric("train/loss", float(np.exp(-step / 6) + 0.05 * np.sin(step)))
             live.log_metric("val/acc", float(1 - np.exp(-step / 5)))

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from rsd.policy import BackboneConfig, MainPolicy, PolicyConfig, build_vocab
+from rsd.policy.config import BackboneConfig, PolicyConfig, build_vocab
+from rsd.policy.model import MainPolicy
 from rsd.policy.config import UNK_ID
 
 torch.set_num_threads(1)
@@ -45,6 +46,16 @@ def layer_codes(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.flatten(1, 2).transpose(1, 2)
 
 
+def greedy_tokens(model: MainPolicy, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Greedy decoding with the cache, prefill then one `step` per layer (the engine's no-draft decoding, for a
+    batch) -> tokens [B, 8, 16, L]."""
+    _, logits, cache = model.prefill(obs)
+    codes = [logits.argmax(dim=-1)]  # L x [B, 128]
+    for layer in range(1, model.config.num_layers):
+        codes.append(model.step(codes[-1], layer, cache).argmax(dim=-1))
+    return torch.stack(codes, dim=-1).unflatten(1, (8, 16))
+
+
 @pytest.fixture(scope="module")
 def model() -> MainPolicy:
     torch.manual_seed(0)
@@ -62,14 +73,14 @@ def test_shapes(model: MainPolicy, obs: dict[str, torch.Tensor]) -> None:
     assert hidden.shape == (B, H) and logits0.shape == (B, 128, 7)
     assert model.step(logits0.argmax(-1), 1, cache).shape == (B, 128, 7)
     assert model.step_many(torch.zeros(B, 3, 128, dtype=torch.long), 1, cache).shape == (B, 3, 128, 7)
-    tokens = model.generate(obs)
+    tokens = greedy_tokens(model, obs)
     assert tokens.shape == (B, 8, 16, L) and tokens.dtype == torch.long
     assert 0 <= tokens.min() and tokens.max() <= 6
     assert model.forward_teacher(obs, tokens).shape == (B, L, 128, 7)
 
 
-def test_cached_generate_equals_recompute(model: MainPolicy, obs: dict[str, torch.Tensor]) -> None:
-    tokens = model.generate(obs)
+def test_cached_decoding_equals_recompute(model: MainPolicy, obs: dict[str, torch.Tensor]) -> None:
+    tokens = greedy_tokens(model, obs)
     with torch.no_grad():
         teacher = model.forward_teacher(obs, tokens)  # one pass, no cache
     assert torch.equal(teacher.argmax(-1), layer_codes(tokens))
@@ -79,7 +90,7 @@ def test_cached_generate_equals_recompute(model: MainPolicy, obs: dict[str, torc
 
 
 def test_step_many_equals_single_steps_and_crop(model: MainPolicy, obs: dict[str, torch.Tensor]) -> None:
-    codes = layer_codes(model.generate(obs))  # [B, L, 128]
+    codes = layer_codes(greedy_tokens(model, obs))  # [B, L, 128]
     _, _, cache = model.prefill(obs)
     prompt = cache.num_positions
     singles = torch.stack([model.step(codes[:, l - 1], l, cache) for l in range(1, L)], 1)  # layers 1..L-1
@@ -110,11 +121,11 @@ def test_cache_misuse_is_refused(model: MainPolicy, obs: dict[str, torch.Tensor]
 
 def test_batching_and_left_padding_are_invisible(model: MainPolicy, obs: dict[str, torch.Tensor]) -> None:
     hidden, _, _ = model.prefill(obs)
-    tokens = model.generate(obs)
+    tokens = greedy_tokens(model, obs)
     for i, text in enumerate(INSTRUCTIONS):  # alone, each instruction is unpadded
         single = {k: v[i : i + 1] for k, v in obs.items()} | model.encode_instructions([text])
         torch.testing.assert_close(model.prefill(single)[0][0], hidden[i], rtol=0, atol=1e-5)
-        assert torch.equal(model.generate(single)[0], tokens[i])
+        assert torch.equal(greedy_tokens(model, single)[0], tokens[i])
 
 
 def test_encode_instructions(model: MainPolicy) -> None:
@@ -187,7 +198,7 @@ def test_checkpoint_round_trip(model: MainPolicy, obs: dict[str, torch.Tensor], 
     model.save(path)
     loaded = MainPolicy.load(path, config=small_config())
     assert loaded.config == model.config and torch.equal(loaded.proprio_mean, model.proprio_mean)
-    assert torch.equal(loaded.generate(obs), model.generate(obs))
+    assert torch.equal(greedy_tokens(loaded, obs), greedy_tokens(model, obs))
     assert torch.equal(loaded.prefill(obs)[1], model.prefill(obs)[1])
     model.save(tmp_path / "again.pt")  # equal weights, equal bytes: a rerun that reproduces a model keeps its DVC hash
     assert (tmp_path / "again.pt").read_bytes() == path.read_bytes()
@@ -258,3 +269,82 @@ def test_bad_precision_names_the_param() -> None:
 
     with pytest.raises(ValueError, match="policy.precision"):
         PolicyTrainConfig(precision="fp16")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"epochs": True}, "policy.epochs must be an int, got True"),  # a bool is not an int
+    ({"lr": "1e-3"}, "policy.lr must be a finite number, got '1e-3'"),  # nor a string a number
+    ({"model": {"image_size": 0}}, "policy.model.image_size must be a positive int, got 0"),
+    ({"model": {"backbone": {"hidden_size": 0}}}, "policy.model.backbone.hidden_size must be a positive int, got 0"),
+    ({"model": {"hiden": 1}}, "policy.model.hiden is not a PolicyConfig field"),
+    ({"model": {"backbone": {"layers": 2}}}, "policy.model.backbone.layers is not a BackboneConfig field"),
+    ({"model": {"num_layers": 3}}, "policy.model.num_layers cannot be set: it comes from the demos and the tokenizer"),
+])
+def test_bad_train_config_names_the_param(changes: dict, message: str) -> None:
+    import re
+
+    from rsd.policy.train import PolicyTrainConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PolicyTrainConfig(**changes)
+
+
+class FakeLive:
+    """Records what training sends to DVCLive."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = [{}]
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.steps[-1][name] = value
+
+    def next_step(self) -> None:
+        self.steps.append({})
+
+
+def tiny_tasks() -> list:
+    """Two tasks of three short demos with random 40x40 images (resized to the policy's 32)."""
+    import numpy as np
+
+    from rsd.data import Demo, TaskDemos
+
+    rng = np.random.default_rng(0)
+
+    def demo(T: int) -> Demo:
+        return Demo(actions=rng.uniform(-1, 1, (T, 7)).astype(np.float32), states=rng.normal(size=(T, 9)),
+                    ee_pos=rng.normal(size=(T, 3)), ee_ori=rng.normal(size=(T, 3)),
+                    gripper_states=rng.normal(size=(T, 2)), joint_states=rng.normal(size=(T, 7)),
+                    agentview=rng.integers(0, 256, (T, 40, 40, 3), dtype=np.uint8),
+                    wrist=rng.integers(0, 256, (T, 40, 40, 3), dtype=np.uint8))
+
+    return [TaskDemos("a", INSTRUCTIONS[0], [demo(12) for _ in range(3)]),
+            TaskDemos("b", INSTRUCTIONS[2], [demo(10) for _ in range(3)])]
+
+
+def test_train_policy_builds_the_model_from_its_config_and_restores_threads() -> None:
+    import numpy as np
+
+    from rsd.policy.train import PolicyTrainConfig, train_policy
+    from rsd.tokenizer.config import TokenizerConfig
+    from rsd.tokenizer.model import RFSQTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = RFSQTokenizer(TokenizerConfig(hidden_dim=32), np.full(7, -1.0), np.full(7, 1.0)).eval()
+    model = dict(image_size=32, vision_channels=[8, 16], vision_grid=2, max_instruction_words=20,
+                 backbone=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, max_position_embeddings=64))
+    config = PolicyTrainConfig(model=model, epochs=2, batch_size=8, warmup_steps=2, val_fraction=0.34, num_threads=2)
+    runs = []
+    for _ in range(2):
+        live = FakeLive()
+        policy, metrics = train_policy(tiny_tasks(), tokenizer, config, live)
+        assert torch.get_num_threads() == 1  # the module's setting, restored after training with 2
+        runs.append((policy, metrics, live))
+    (policy, metrics, live), (again, _, _) = runs
+    assert policy.config.image_size == 32 and policy.config.backbone.hidden_size == 32
+    assert policy.config.num_layers == tokenizer.config.num_layers and not policy.training
+    assert metrics["epochs"] == 2
+    assert metrics["train_samples"] == 2 * 12 + 2 * 10 and metrics["val_samples"] == 12 + 10  # 1 demo of 3 held out
+    assert len(live.steps) == 3 and live.steps[-1] == {}  # one DVCLive step per epoch
+    assert set(live.steps[0]) == {"train/loss", "val/loss"} | {f"val/token_accuracy_L{i}" for i in range(4)}
+    assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), again.state_dict().values()))

@@ -1,5 +1,5 @@
 """Profiles: smoke and full set the same keys, write into params.yaml keeping its comments, give valid
-configs for every stage, and the full profile is the original recipe's scale."""
+configs for every stage, and the full profile is the draft recipe's scale (50 epochs at lr 1e-4, batch 32)."""
 from __future__ import annotations
 
 from pathlib import Path

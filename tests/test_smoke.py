@@ -46,7 +46,7 @@ def stage_outputs(repo: Path) -> dict[str, list[Any]]:
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
-        return {stage.name: list(stage.outs) for stage in dvc_repo.index.stages}  # eval@no_draft, ...
+        return {stage.name: list(stage.outs) for stage in dvc_repo.index.stages}
 
 
 def numbers(value: Any) -> Iterator[float]:
@@ -78,11 +78,14 @@ def check_stage_metrics(name: str, metrics: dict[str, Any], smoke: dict[str, Any
         assert metrics["episodes"] == episodes("collect", "episodes_per_task") and metrics["samples"] > 0, metrics
     elif name == "train":
         assert metrics["epochs"] == smoke["train"]["epochs"] and 0 <= metrics["best_val_accuracy"] <= 1, metrics
-    elif name == "verify":
-        assert metrics["passed"] is True, metrics
-    elif name.startswith("eval@"):
+    elif name == "verify":  # a 2-epoch draft is well formed and below the smoke bar: a result, recorded
+        assert metrics["well_formed"] is True and metrics["passed"] is False, metrics
+        assert metrics["val_accuracy"]["below_bar"] is True, metrics
+    elif name.startswith("eval_"):
         assert metrics["trials"] == episodes("eval", "init_states") and 0 <= metrics["success_rate"] <= 1, metrics
         assert metrics["policy_calls"] > 0 and metrics["avg_inference_ms"] > 0, metrics
+        if name != "eval_no_draft":
+            assert metrics["draft_verified"] is False, metrics
 
 
 def test_the_whole_dag_runs_on_the_smoke_profile(tmp_path: Path, record_property: Any,

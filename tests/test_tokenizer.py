@@ -6,13 +6,16 @@ and decay near each waypoint, rotation deltas are small and smooth, and the grip
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from rsd.tokenizer import RFSQTokenizer, TokenizerConfig, evaluate_tokenizer, train_tokenizer
+from rsd.tokenizer.config import TokenizerConfig
+from rsd.tokenizer.model import RFSQTokenizer
+from rsd.tokenizer.train import evaluate_tokenizer, train_tokenizer
 from rsd.tokenizer.train import chunks_of
 
 
@@ -181,15 +184,26 @@ def test_encode_rejects_bad_actions(trained, actions: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("field, value", [
-    ("chunk_len", 0), ("action_dim", 6), ("latent_dim", -1), ("levels", 6), ("levels", 1), ("num_layers", 0),
-    ("hidden_dim", 2.5), ("steps", True), ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")),
+    ("chunk_len", 0), ("action_dim", 6), ("latent_len", 4), ("latent_dim", -1), ("levels", 6), ("levels", 1),
+    ("num_layers", 0), ("hidden_dim", 2.5), ("steps", True), ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")),
     ("warmup_steps", 10_000), ("weight_decay", -1.0), ("first_layer_loss_weight", 0.0), ("val_fraction", 0.0),
     ("fine_residual_weight", -0.1),
     ("val_fraction", 1.0), ("seed", "0"),
 ])
 def test_bad_config_names_the_field(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=f"TokenizerConfig.{field} "):
+    with pytest.raises(ValueError, match=f"tokenizer.{field} .*got {re.escape(repr(value))}"):
         TokenizerConfig(**{field: value})
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"steps": True}, "tokenizer.steps must be an int, got True"),  # a bool is not an int
+    ({"lr": "0.01"}, "tokenizer.lr must be a finite number, got '0.01'"),  # nor a string a number
+    ({"chunk_len": 16}, "tokenizer.chunk_len must be 8 (rsd.contract.CHUNK_LEN"),
+    ({"latent_dim": 8}, "tokenizer.latent_dim must be 16 (rsd.contract.LATENT_DIM"),
+])
+def test_config_messages_say_what_was_expected(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TokenizerConfig(**changes)
 
 
 def test_load_missing_truncated_and_foreign_files(trained, tmp_path: Path) -> None:

@@ -14,17 +14,26 @@ synthetic teacher (H = 256, 4k samples, 8 epochs) it lifted layer-0 validation a
 
 Codes of one layer are tokens[..., l] of a chunk's tokens [8, 16, L] flattened timestep-major to [128]
 (index t * 16 + d), the main policy's order.
+
+For inference the engine asks `proposer(draft)` for the draft's `propose`: `LeanDraft`, the same
+function with the query-only products precomputed and the single-token cross-attention folded into one
+matrix, whenever it reproduces the model's logits; the model's own `propose` otherwise.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsd.draft.config import DraftConfig
-from rsd.io import load_torch
+from rsd.io import load_torch, misfit_message, state_dict_problems
+
+log = logging.getLogger("rsd.draft")
 
 FORMAT_VERSION = 1
 """Version of the draft checkpoint layout (`train.save_checkpoint`); bumped when its keys change."""
@@ -39,7 +48,8 @@ class DraftDecoder(nn.Module):
 
     def __init__(self, config: DraftConfig) -> None:
         super().__init__()
-        # registered first so the state dict starts decoder.decoder_layer.self_attn.in_proj_weight (the checklist's)
+        # registered before the queries: the state dict then runs input_projection.*, decoder.decoder_layer.*,
+        # decoder.query_embed.*, the key order of every draft checkpoint written so far
         self.decoder_layer = nn.TransformerDecoderLayer(
             config.hidden_dim, config.num_heads, dim_feedforward=config.ff_dim, dropout=config.dropout,
             activation="gelu", batch_first=True)
@@ -86,20 +96,108 @@ class RFSQDraftModelWithProjection(nn.Module):
         return self(hidden).argmax(dim=-1)
 
 
+class LeanDraft:
+    """`RFSQDraftModelWithProjection.propose` with less work per call, for inference.
+
+    The draft's decoder layer (post-norm, as torch's `TransformerDecoderLayer` defaults to) sees
+    `tgt = queries + context` and a memory of ONE token, the context. Two facts make it cheap:
+
+    - the self-attention input projection is linear, so `tgt @ W_in.T = queries @ W_in.T + context @
+      W_in.T`: the first term is fixed and precomputed, leaving a one-row product per call;
+    - attention over a single memory token gives every query that token's value (softmax over one key
+      is 1), so the cross-attention output is `out_proj(v_proj(context))`, the same row for every
+      query: one row through the product `W_out @ W_v`, precomputed.
+
+    The result equals the module's forward up to float rounding (checked on random inputs when built;
+    `from_draft` returns None, and `proposer` falls back to the module itself, when the check fails or
+    the model is not an `RFSQDraftModelWithProjection`). Weights are read once: rebuild it after loading
+    others.
+    """
+
+    def __init__(self, draft: RFSQDraftModelWithProjection) -> None:
+        c = draft.config
+        layer = draft.decoder.decoder_layer
+        sa, ca = layer.self_attn, layer.multihead_attn
+        D = c.hidden_dim
+        with torch.no_grad():
+            queries = draft.decoder.query_embed.weight  # [Q, D]
+            self.query_qkv = queries @ sa.in_proj_weight.T  # [Q, 3D]
+            w_v, b_v = ca.in_proj_weight[2 * D:], ca.in_proj_bias[2 * D:]
+            cross_w = ca.out_proj.weight @ w_v  # [D, D]
+            cross_b = ca.out_proj.weight @ b_v + ca.out_proj.bias  # [D]
+            # one product of the context gives its share of q, k, v and the cross-attention row
+            self.context_w = torch.cat([sa.in_proj_weight, cross_w]).contiguous()  # [4D, D]
+            self.context_b = torch.cat([sa.in_proj_bias, cross_b]).contiguous()  # [4D]
+        self.queries = queries.detach()
+        self.proj, self.sa_out = draft.input_projection, sa.out_proj
+        self.norm1, self.norm2, self.norm3 = layer.norm1, layer.norm2, layer.norm3
+        self.linear1, self.linear2, self.head = layer.linear1, layer.linear2, draft.head
+        self.heads, self.hidden_dim = sa.num_heads, D
+        self.shape = (c.num_coarse_layers, c.codes_per_layer, c.levels)
+        self.dtype = draft.input_projection.weight.dtype
+
+    @classmethod
+    def from_draft(cls, draft: Any) -> LeanDraft | None:
+        """A LeanDraft for `draft` if it is a standard draft model whose logits it reproduces (to 1e-3 of
+        their range in float32, 3e-2 in half precision), else None."""
+        if not isinstance(draft, RFSQDraftModelWithProjection):
+            return None
+        layer = draft.decoder.decoder_layer
+        if layer.norm_first or layer.activation is not F.gelu or not layer.self_attn._qkv_same_embed_dim:
+            return None
+        lean = cls(draft)
+        weight = draft.input_projection.weight
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(4, draft.config.input_dim, generator=generator).to(weight.device, weight.dtype)
+        with torch.inference_mode():
+            expected, got = draft.eval()(probe).float(), lean.logits(probe).float()
+        atol = 1e-3 if weight.dtype == torch.float32 else 3e-2
+        scale = float(expected.abs().max()) + 1e-6
+        if not torch.allclose(got, expected, atol=atol * scale, rtol=0):
+            log.warning("lean draft path disagrees with the draft model (max diff %.3g); using the model",
+                        float((got - expected).abs().max()))
+            return None
+        return lean
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [B, input_dim] -> logits [B, K, 128, levels], as the draft model's forward (eval mode)."""
+        D = self.hidden_dim
+        context = self.proj(hidden.to(self.dtype))  # [B, D]
+        shared = F.linear(context, self.context_w, self.context_b)  # [B, 4D]: q, k, v shares + cross row
+        qkv = self.query_qkv + shared[:, None, : 3 * D]  # [B, Q, 3D]
+        B, Q = qkv.shape[:2]
+        q, k, v = qkv.view(B, Q, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [B, heads, Q, d] each
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Q, D)
+        x = self.norm1(self.queries + context[:, None] + self.sa_out(attn))
+        x = self.norm2(x + shared[:, None, 3 * D:])
+        x = self.norm3(x + self.linear2(F.gelu(self.linear1(x))))
+        return self.head(x).view(B, *self.shape)
+
+    def propose(self, hidden: Tensor) -> Tensor:
+        """Greedy draft: hidden [B, input_dim] -> codes long [B, K, 128]."""
+        return self.logits(hidden).argmax(dim=-1)
+
+
+def in_precision(draft: Any, dtype: torch.dtype) -> Any:
+    """`draft` in eval mode and, if it is a draft model of another precision, a copy of it in `dtype` (the
+    caller's model stays as it was). A stand-in draft (anything with `config` and `propose`) is kept as is."""
+    if isinstance(draft, nn.Module):
+        draft.eval()
+    if isinstance(draft, RFSQDraftModelWithProjection) and draft.input_projection.weight.dtype != dtype:
+        draft = copy.deepcopy(draft).to(dtype)
+    return draft
+
+
+def proposer(draft: Any) -> Callable[[Tensor], Tensor]:
+    """What proposes for `draft` at inference: hidden [B, input_dim] -> codes long [B, K, 128]. The lean path
+    when it reproduces the model's logits, else the draft's own `propose`."""
+    lean = LeanDraft.from_draft(draft)
+    return lean.propose if lean is not None else draft.propose
+
+
 def num_parameters(model: nn.Module) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def state_dict_problems(model: nn.Module, state_dict: dict[str, Any]) -> list[str]:
-    """Why `state_dict` would not load into `model` (missing, unexpected or misshapen tensors); [] if it would."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for k, v in state_dict.items()}
-    problems = [f"missing {k}" for k in expected.keys() - found.keys()]
-    problems += [f"unexpected {k}" for k in found.keys() - expected.keys()]
-    problems += [f"{k}: {found[k]} vs {expected[k]} expected" for k in expected.keys() & found.keys()
-                 if found[k] != expected[k]]
-    return sorted(problems)
 
 
 def load_draft(path: str | os.PathLike) -> tuple[RFSQDraftModelWithProjection, dict[str, Any]]:
@@ -119,8 +217,7 @@ def load_draft(path: str | os.PathLike) -> tuple[RFSQDraftModelWithProjection, d
         raise ValueError(f"draft checkpoint {path} has an invalid config: {exc}") from exc
     problems = state_dict_problems(model, ckpt["model_state_dict"])
     if problems:
-        raise ValueError(f"draft checkpoint {path} does not fit its config: " + "; ".join(problems[:10])
-                         + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""))
+        raise ValueError(f"draft checkpoint {path} does not fit its config: " + misfit_message(problems))
     model.load_state_dict(ckpt["model_state_dict"])
     record = {k: ckpt[k] for k in ("epoch", "val_accuracy", "val_accuracies_per_layer", "layer_exact_match")}
     return model.eval(), record

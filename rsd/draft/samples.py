@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -60,7 +60,7 @@ def _own_storage(t: Tensor) -> Tensor:
 
 
 class DraftSamples:
-    """Stacked draft samples; `data[i]` is one sample as a dict, `len(data)` their count."""
+    """Stacked draft samples: one tensor per field (see the module docstring), `len(data)` their count."""
 
     def __init__(self, hidden_state: Tensor, coarse_tokens: Tensor, task: Tensor, episode: Tensor, step: Tensor,
                  task_names: Sequence[str] = ()) -> None:
@@ -91,34 +91,6 @@ class DraftSamples:
 
     def __len__(self) -> int:
         return self.hidden_state.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        """One sample: hidden_state float32 [H], coarse_tokens long [8, 16, C], task, episode, step (ints)."""
-        return {
-            "hidden_state": self.hidden_state[i].float(),
-            "coarse_tokens": self.coarse_tokens[i].long(),
-            "task": int(self.task[i]),
-            "episode": int(self.episode[i]),
-            "step": int(self.step[i]),
-        }
-
-    @classmethod
-    def from_records(cls, records: Iterable[Mapping[str, Any]], task_names: Sequence[str] = ()) -> DraftSamples:
-        """Stack per-call records, each a mapping like `data[i]`: hidden_state [H] and coarse_tokens [8, 16, C]
-        (numpy arrays or tensors), task, episode, step (ints)."""
-        records = list(records)
-        if not records:
-            raise ValueError("no draft samples to stack")
-
-        def stack(key: str) -> Tensor:
-            try:
-                return torch.stack([torch.as_tensor(r[key]).detach().cpu() for r in records])
-            except KeyError as exc:
-                raise ValueError(f"a draft sample record lacks {key!r}") from exc
-            except RuntimeError as exc:  # differing shapes
-                raise ValueError(f"draft sample records disagree on the shape of {key!r}: {exc}") from exc
-
-        return cls(*(stack(key) for key in _TENSORS), task_names=task_names)
 
     @classmethod
     def concat(cls, parts: Sequence[DraftSamples]) -> DraftSamples:

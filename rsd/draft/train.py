@@ -1,28 +1,23 @@
 """Train the draft model to reproduce the main policy's coarse codes from its hidden state.
 
-The log follows the original checklist line for line (`Model created: 4.7M parameters`, one
-`Epoch e/E | Train Loss ... | Val Acc: L0=... | Avg=...` line per epoch, `Best model saved: 0.892`,
-`Training Complete! ...`), so runs compare with the user's expectations at a glance.
+The log lines are the ones users compare runs by: `Model created: 4.7M parameters`, `Train samples`,
+`Val samples`, one `Epoch e/E | Train Loss ... | Val Acc: L0=... | Avg=...` line per epoch, `Best model
+saved: 0.892` whenever an epoch beats the ones before, and `Training Complete! Best Val Accuracy: ...`.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsd.draft.config import DraftConfig, DraftTrainConfig, lr_factor
+from rsd.draft.config import DraftConfig, DraftTrainConfig
 from rsd.draft.model import FORMAT_VERSION, RFSQDraftModelWithProjection, num_parameters
 from rsd.draft.samples import DraftSamples
-from rsd.io import save_torch
-from rsd.progress import Progress
-
-if TYPE_CHECKING:
-    from dvclive import Live
+from rsd.training import Live, LoopConfig, train
 
 log = logging.getLogger("rsd.draft")
 
@@ -99,102 +94,107 @@ def evaluate(model: RFSQDraftModelWithProjection, hidden: Tensor, targets: Tenso
     return tally
 
 
-def save_checkpoint(path: str | os.PathLike, model: RFSQDraftModelWithProjection, optimizer: torch.optim.Optimizer,
-                    epoch: int, val: Tally) -> None:
-    """The draft checkpoint (`model.REQUIRED_KEYS`, nothing else), atomically: weights, optimizer state for
-    resuming, the epoch and its validation numbers, and the config that rebuilds the model."""
+def build_checkpoint(model_state: dict[str, Any], optimizer_state: dict[str, Any], config: DraftConfig, epoch: int,
+                     val: Tally) -> dict[str, Any]:
+    """The draft checkpoint (`model.REQUIRED_KEYS`, nothing else, in that order): weights, optimizer state
+    for resuming, the epoch and its validation numbers, and the config that rebuilds the model.
+    `rsd.io.save_torch` writes it."""
     accuracies = val.accuracy
-    save_torch(path, {
-        "model_state_dict": model.state_dict(),
-        "optimizer_state_dict": optimizer.state_dict(),
+    return {
+        "model_state_dict": model_state,
+        "optimizer_state_dict": optimizer_state,
         "epoch": epoch,
         "val_accuracy": sum(accuracies) / len(accuracies),
         "val_accuracies_per_layer": accuracies,
-        "config": model.config.to_dict(),
+        "config": config.to_dict(),
         "layer_exact_match": val.exact_match,
         "format_version": FORMAT_VERSION,
-    })
+    }
 
 
 def _layers(values: list[float]) -> str:
     return " ".join(f"L{i}={v:.3f}" for i, v in enumerate(values))
 
 
-def train_draft(samples: DraftSamples, model_config: DraftConfig, train_config: DraftTrainConfig,
-                checkpoint_path: str | os.PathLike, live: Live | None = None,
-                device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Train a draft on `samples`, keeping at `checkpoint_path` the epoch with the best average validation
-    accuracy; return the run's metrics (for metrics/train.json).
+def train_draft(samples: DraftSamples, config: DraftTrainConfig, live: Live | None = None,
+                device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train a draft on `samples`; return the checkpoint of the epoch with the best average validation
+    accuracy (`build_checkpoint`, on the CPU) and the run's metrics (for metrics/train.json). Nothing is
+    written: the caller saves the checkpoint (`rsd.io.save_torch`).
 
     Cross entropy over all coarse codes, AdamW at a constant or cosine learning rate, validation on held-out
     episodes after every epoch. `live` (a `dvclive.Live`) gets the same numbers as the log, one step
     per epoch. Same seed, same device and thread count -> same checkpoint.
     """
     start_time = time.perf_counter()
+    model_config = config.draft_config(input_dim=samples.hidden_size)
     check_compatible(samples, model_config)
     device = torch.device(device)
     C = model_config.num_coarse_layers
-    train_idx, val_idx = samples.split_by_episode(train_config.val_fraction, train_config.seed)
+    train_idx, val_idx = samples.split_by_episode(config.val_fraction, config.seed)
     targets = coarse_targets(samples.coarse_tokens, C)  # uint8 [N, C, 128]
     val_hidden, val_targets = samples.hidden_state[val_idx], targets[val_idx]  # [M, H], [M, C, 128]
 
-    torch.manual_seed(train_config.seed)  # initialisation and dropout
+    torch.manual_seed(config.seed)  # initialisation and dropout
     model = RFSQDraftModelWithProjection(model_config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
-    generator = torch.Generator().manual_seed(train_config.seed)  # batch order
+    generator = torch.Generator().manual_seed(config.seed)  # batch order
     parameters = num_parameters(model)
     log.info("Model created: %.1fM parameters", parameters / 1e6)
     log.info("Train samples: %s", f"{len(train_idx):,}")
     log.info("Val samples: %s", f"{len(val_idx):,}")
 
-    E, B = train_config.epochs, train_config.batch_size
-    steps_per_epoch = -(-len(train_idx) // B)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(train_config.lr_schedule, step, E * steps_per_epoch))
-    best: dict[str, Any] = {"val_accuracy": -1.0}
-    for epoch in range(1, E + 1):
-        model.train()
-        train = Tally(C)
-        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
-        with Progress(steps_per_epoch, f"draft epoch {epoch}/{E}") as bar:
-            for start in range(0, len(order), B):
-                idx = order[start:start + B]
-                x = samples.hidden_state[idx].to(device, torch.float32)  # [B, H]
-                y = targets[idx].to(device, torch.long)  # [B, C, 128]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_config.precision == "bf16"):
-                    logits = model(x).float()  # [B, C, 128, K]
-                loss = F.cross_entropy(logits.flatten(0, 2), y.flatten())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                train.add(logits.detach(), y, loss)
-                bar.update(1, loss=f"{loss.item():.3f}")
+    E, B = config.epochs, config.batch_size
+    steps_per_epoch = -(-len(train_idx) // B)  # the last batch may be short
+    train_tally = Tally(C)  # the current epoch's training batches
+    val_tallies: dict[int, Tally] = {}
 
-        val = evaluate(model, val_hidden, val_targets, device)
+    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        nonlocal train_tally
+        train_tally = Tally(C)
+        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        for start in range(0, len(order), B):
+            idx = order[start:start + B]
+            x = samples.hidden_state[idx].to(device, torch.float32)  # [B, H]
+            y = targets[idx].to(device, torch.long)  # [B, C, 128]
+            yield x, y
+
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        logits = model(x).float()  # [B, C, 128, K]
+        with torch.autocast(device.type, enabled=False):  # the cross entropy in float32, outside the bf16 forward pass
+            loss = F.cross_entropy(logits.flatten(0, 2), y.flatten())
+        train_tally.add(logits.detach(), y, loss)
+        return loss
+
+    def evaluate_epoch(epoch: int) -> dict[str, float]:
+        fit, val = train_tally, evaluate(model, val_hidden, val_targets, device)
+        val_tallies[epoch] = val
         val_avg = sum(val.accuracy) / C
         log.info("Epoch %d/%d | Train Loss: %.3f | Train Acc: %s | Val Loss: %.3f | Val Acc: %s | Avg=%.3f",
-                 epoch, E, train.loss, _layers(train.accuracy), val.loss, _layers(val.accuracy), val_avg)
-        if live is not None:
-            live.log_metric("train/loss", train.loss)
-            live.log_metric("val/loss", val.loss)
-            for layer in range(C):
-                live.log_metric(f"train/acc_L{layer}", train.accuracy[layer])
-                live.log_metric(f"val/acc_L{layer}", val.accuracy[layer])
-                live.log_metric(f"val/exact_match_L{layer}", val.exact_match[layer])
-            live.log_metric("val/acc_avg", val_avg)
-            live.next_step()
-        if val_avg > best["val_accuracy"]:
-            save_checkpoint(checkpoint_path, model, optimizer, epoch, val)
-            best = {"val_accuracy": val_avg, "per_layer": val.accuracy, "exact": val.exact_match, "epoch": epoch}
-            log.info("Best model saved: %.3f", val_avg)
+                 epoch, E, fit.loss, _layers(fit.accuracy), val.loss, _layers(val.accuracy), val_avg)
+        metrics = {"train/loss": fit.loss, "val/loss": val.loss}
+        for layer in range(C):
+            metrics[f"train/acc_L{layer}"] = fit.accuracy[layer]
+            metrics[f"val/acc_L{layer}"] = val.accuracy[layer]
+            metrics[f"val/exact_match_L{layer}"] = val.exact_match[layer]
+        metrics["val/acc_avg"] = val_avg
+        return metrics
 
-    log.info("Training Complete! Best Val Accuracy: %.3f", best["val_accuracy"])
-    return {
-        "best_val_accuracy": best["val_accuracy"],
-        "val_accuracies_per_layer": best["per_layer"],
-        "layer_exact_match": best["exact"],
-        "best_epoch": best["epoch"],
+    total_steps = E * steps_per_epoch
+    kept = train(model, batches, loss_fn, LoopConfig(
+        name="draft", epochs=E, steps_per_epoch=steps_per_epoch, lr=config.lr, weight_decay=config.weight_decay,
+        lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps(total_steps), precision=config.precision,
+        device_type=device.type, best_metric="val/acc_avg"), evaluate_epoch, live)
+    assert kept.model_state is not None and kept.optimizer_state is not None  # best_metric keeps both
+    val = val_tallies[kept.epoch]
+    checkpoint = build_checkpoint(kept.model_state, kept.optimizer_state, model_config, kept.epoch, val)
+
+    log.info("Training Complete! Best Val Accuracy: %.3f", kept.metrics["val/acc_avg"])
+    return checkpoint, {
+        "best_val_accuracy": kept.metrics["val/acc_avg"],
+        "val_accuracies_per_layer": val.accuracy,
+        "layer_exact_match": val.exact_match,
+        "best_epoch": kept.epoch,
         "epochs": E,
         "parameters": parameters,
         "train_samples": len(train_idx),

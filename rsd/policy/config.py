@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import LlamaConfig
+
+from rsd.config import Config
+from rsd.contract import CHUNK_LEN, CODES_PER_LAYER, LATENT_DIM, LEVELS, PROPRIO_DIM
 
 PAD_ID = 0  # instruction padding (left), masked out of attention
 UNK_ID = 1  # any word missing from the vocabulary
@@ -28,19 +31,11 @@ def build_vocab(instructions: list[str]) -> tuple[str, ...]:
     return tuple(sorted({word for text in instructions for word in split_words(text)}))
 
 
-def _check(condition: bool, name: str, expected: str, value: Any) -> None:
-    """Raise a ValueError that names the field, what it must be and what it was."""
-    if not condition:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 @dataclass
-class BackboneConfig:
+class BackboneConfig(Config):
     """The Llama transformer the prompt and the residual layers run through (fields of `LlamaConfig`)."""
+
+    prefix: ClassVar[str] = "policy.model.backbone"
 
     hidden_size: int = 256
     """H: width of every token; also the size of the hidden state handed to the draft model."""
@@ -63,23 +58,19 @@ class BackboneConfig:
     left padding; eager is the default because at the small CPU size it is faster (a 1-position step
     ~25% and the prefill ~2x); sdpa is the one to pick on a GPU at the 7B shape."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):
-            _check(_positive_int(getattr(self, name)), f"backbone.{name}", "a positive int", getattr(self, name))
-        _check(self.hidden_size % self.num_attention_heads == 0, "backbone.num_attention_heads",
-               f"a divisor of hidden_size={self.hidden_size}", self.num_attention_heads)
-        _check(self.num_attention_heads % self.num_key_value_heads == 0, "backbone.num_key_value_heads",
-               f"a divisor of num_attention_heads={self.num_attention_heads}", self.num_key_value_heads)
-        _check((self.hidden_size // self.num_attention_heads) % 2 == 0, "backbone.num_attention_heads",
-               "such that the head size hidden_size/num_attention_heads is even (rotary embedding)",
-               self.num_attention_heads)
-        _check(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0, "backbone.rope_theta",
-               "a positive number", self.rope_theta)
-        _check(isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0, "backbone.rms_norm_eps",
-               "a positive number", self.rms_norm_eps)
-        _check(self.attn_implementation in ("eager", "sdpa"), "backbone.attn_implementation",
-               '"eager" or "sdpa"', self.attn_implementation)
+            self.check(getattr(self, name) > 0, name, "a positive int")
+        self.check(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+                   f"a divisor of hidden_size={self.hidden_size}")
+        self.check(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                   f"a divisor of num_attention_heads={self.num_attention_heads}")
+        self.check((self.hidden_size // self.num_attention_heads) % 2 == 0, "num_attention_heads",
+                   "such that the head size hidden_size/num_attention_heads is even (rotary embedding)")
+        self.check(self.rope_theta > 0, "rope_theta", "a positive number")
+        self.check(self.rms_norm_eps > 0, "rms_norm_eps", "a positive number")
+        self.check(self.attn_implementation in ("eager", "sdpa"), "attn_implementation", '"eager" or "sdpa"')
 
     @classmethod
     def llama2_7b(cls) -> BackboneConfig:
@@ -107,8 +98,10 @@ class BackboneConfig:
 
 
 @dataclass
-class PolicyConfig:
+class PolicyConfig(Config):
     """The main policy: observation -> RFSQ tokens [8, 16, num_layers], one residual layer per pass."""
+
+    prefix: ClassVar[str] = "policy.model"
 
     vocab: tuple[str, ...] = ()
     """Instruction words (see `build_vocab`); ids 0 and 1 are <pad> and <unk>, word i has id i + 2."""
@@ -120,38 +113,41 @@ class PolicyConfig:
     """Output channels of the stride-2 3x3 convolutions of the camera encoder (shared by both cameras)."""
     vision_grid: int = 4
     """The conv features are pooled to a vision_grid x vision_grid grid: that many visual tokens per camera."""
-    proprio_dim: int = 8
+    proprio_dim: int = PROPRIO_DIM
     """Length of the proprio vector (LIBERO: eef position 3, axis-angle 3, gripper fingers 2)."""
     num_layers: int = 4
     """L, residual layers per chunk, coarse to fine; must equal the RFSQ tokenizer's (see `check_tokenizer`)."""
-    codes_per_layer: int = 128
+    codes_per_layer: int = CODES_PER_LAYER
     """Codes per residual layer: 8 chunk steps x 16 latent dims, the tokenizer's contract."""
-    levels: int = 7
+    levels: int = LEVELS
     """Quantization levels per code (codes are 0..levels-1); must equal the tokenizer's."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """The Llama transformer (see `BackboneConfig`)."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.backbone, BackboneConfig), "backbone", "a BackboneConfig (from_dict builds one)",
-               type(self.backbone).__name__)
-        self.vocab = tuple(self.vocab)
-        _check(all(isinstance(w, str) and split_words(w) == [w] for w in self.vocab), "vocab",
-               "lower-case alphanumeric words (use build_vocab)", self.vocab)
-        _check(len(set(self.vocab)) == len(self.vocab), "vocab", "free of duplicates", self.vocab)
-        self.vision_channels = tuple(self.vision_channels)
-        _check(len(self.vision_channels) > 0 and all(map(_positive_int, self.vision_channels)),
-               "vision_channels", "a non-empty list of positive ints", self.vision_channels)
+        # YAML and JSON give lists; the config keeps tuples (hashable, and what checkpoints have always held)
+        if isinstance(self.vocab, list):
+            self.vocab = tuple(self.vocab)
+        if isinstance(self.vision_channels, list):
+            self.vision_channels = tuple(self.vision_channels)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        self.check(all(split_words(w) == [w] for w in self.vocab), "vocab",
+                   "lower-case alphanumeric words (use build_vocab)")
+        self.check(len(set(self.vocab)) == len(self.vocab), "vocab", "free of duplicates")
+        self.check(len(self.vision_channels) > 0 and all(c > 0 for c in self.vision_channels), "vision_channels",
+                   "a non-empty list of positive ints")
         for name in ("max_instruction_words", "image_size", "vision_grid", "proprio_dim", "num_layers"):
-            _check(_positive_int(getattr(self, name)), name, "a positive int", getattr(self, name))
-        _check(self.codes_per_layer == 128, "codes_per_layer", "128 (8 chunk steps x 16 latent dims)",
-               self.codes_per_layer)
-        _check(_positive_int(self.levels) and self.levels >= 2, "levels", "an int >= 2", self.levels)
-        _check(self.image_size >= 2 ** len(self.vision_channels), "image_size",
-               f"at least {2 ** len(self.vision_channels)} for {len(self.vision_channels)} stride-2 convolutions",
-               self.image_size)
-        _check(self.max_sequence_length <= self.backbone.max_position_embeddings, "backbone.max_position_embeddings",
-               f"at least {self.max_sequence_length} (prompt {self.max_prompt_length} + {self.num_layers - 1} "
-               "residual-layer positions)", self.backbone.max_position_embeddings)
+            self.check(getattr(self, name) > 0, name, "a positive int")
+        self.check(self.codes_per_layer == CODES_PER_LAYER, "codes_per_layer",
+                   f"{CODES_PER_LAYER} ({CHUNK_LEN} chunk steps x {LATENT_DIM} latent dims)")
+        self.check(self.levels >= 2, "levels", "an int >= 2")
+        self.check(self.image_size >= 2 ** len(self.vision_channels), "image_size",
+                   f"at least {2 ** len(self.vision_channels)} for {len(self.vision_channels)} stride-2 convolutions")
+        self.backbone.check(self.max_sequence_length <= self.backbone.max_position_embeddings, "max_position_embeddings",
+                            f"at least {self.max_sequence_length} (prompt {self.max_prompt_length} + "
+                            f"{self.num_layers - 1} residual-layer positions)")
 
     @property
     def vocab_size(self) -> int:

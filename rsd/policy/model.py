@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, LlamaModel
 
-from rsd.io import load_torch, save_torch
+from rsd.io import load_torch, misfit_message, save_torch, state_dict_problems
 from rsd.policy.config import PAD_ID, PolicyConfig
 
 CHECKPOINT_FORMAT = "rsd-main-policy"
@@ -89,7 +89,8 @@ class CameraEncoder(nn.Module):
 
 
 class MainPolicy(nn.Module):
-    """Observation -> RFSQ tokens [B, 8, 16, L] by greedy decoding, one residual layer per backbone pass."""
+    """Observation -> RFSQ tokens [B, 8, 16, L], one residual layer per backbone pass: `prefill`, then `step`
+    (or `step_many`) per further layer. The decoding itself (greedy, with or without a draft) is rsd.engine's."""
 
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
@@ -198,15 +199,6 @@ class MainPolicy(nn.Module):
         """Feed layer-1's codes [B, 128] (one position appended to the cache) -> logits [B, 128, levels] of `layer`."""
         return self.step_many(codes[:, None], layer - 1, cache)[:, 0]
 
-    @torch.no_grad()
-    def generate(self, obs: Observation) -> Tensor:
-        """Greedy decoding, layer by layer with the cache -> tokens long [B, 8, 16, L]."""
-        _, logits, cache = self.prefill(obs)
-        codes = [logits.argmax(dim=-1)]  # L x [B, 128]
-        for layer in range(1, self.config.num_layers):
-            codes.append(self.step(codes[-1], layer, cache).argmax(dim=-1))
-        return torch.stack(codes, dim=-1).unflatten(1, (8, 16))
-
     # ---- training -------------------------------------------------------------------------------------
 
     def forward_teacher(self, obs: Observation, tokens: Tensor) -> Tensor:
@@ -253,14 +245,8 @@ class MainPolicy(nn.Module):
             raise ValueError(f"main policy checkpoint {path} was saved with another config (expected vs saved): "
                              + "; ".join(config.differences(saved)))
         model = cls(saved)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items()}
-        problems = [f"missing {k}" for k in expected.keys() - found.keys()]
-        problems += [f"unexpected {k}" for k in found.keys() - expected.keys()]
-        problems += [f"{k}: {found[k]} vs {expected[k]} expected" for k in expected.keys() & found.keys()
-                     if found[k] != expected[k]]
+        problems = state_dict_problems(model, ckpt.get("state_dict", {}))
         if problems:
-            raise ValueError(f"main policy checkpoint {path} does not fit its config: " + "; ".join(sorted(problems)[:10])
-                             + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""))
+            raise ValueError(f"main policy checkpoint {path} does not fit its config: " + misfit_message(problems))
         model.load_state_dict(ckpt["state_dict"])
         return model

@@ -1,30 +1,40 @@
 """Behaviour cloning of the main policy on demonstrations: teacher forcing over all residual layers."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rsd.config import Config
 from rsd.data import TaskDemos, action_chunks, split_episodes
-from rsd.lr_schedule import warmup_cosine
-from rsd.policy.config import PolicyConfig, build_vocab
+from rsd.policy.config import BackboneConfig, PolicyConfig, build_vocab
 from rsd.policy.model import MainPolicy
-from rsd.progress import Progress
 from rsd.tokenizer.model import RFSQTokenizer
+from rsd.training import Live, LoopConfig, torch_threads, train
 
 log = logging.getLogger("rsd.policy")
 
+FROM_DATA = ("vocab", "num_layers", "levels")
+"""PolicyConfig fields that `policy.model` may not set: the vocabulary comes from the demos' instructions,
+the residual layers and their levels from the tokenizer."""
+
 
 @dataclass
-class PolicyTrainConfig:
-    """How the main policy is trained (the `policy` section of params.yaml, beside `model`)."""
+class PolicyTrainConfig(Config):
+    """How the main policy is trained, and its architecture: the `policy` section of params.yaml."""
 
+    prefix: ClassVar[str] = "policy"
+
+    model: dict[str, Any] = field(default_factory=dict)
+    """The main policy's architecture: PolicyConfig fields (a nested `backbone` for BackboneConfig's)
+    other than vocab, num_layers and levels, which come from the demos and the tokenizer."""
     epochs: int = 10
     """Passes over the training samples (one sample per demo step)."""
     batch_size: int = 64
@@ -51,28 +61,45 @@ class PolicyTrainConfig:
     seed: int = 0
     """Seeds the split, the initialisation and the batches (taken from base.seed by the stage)."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("epochs", "batch_size", "num_threads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"policy.{name} must be a positive int, got {value!r}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"policy.precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        if not self.lr > 0:
-            raise ValueError(f"policy.lr must be > 0, got {self.lr!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"policy.warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"policy.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"policy.val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        if not isinstance(self.shift_pixels, int) or self.shift_pixels < 0:
-            raise ValueError(f"policy.shift_pixels must be a non-negative int, got {self.shift_pixels!r}")
-        if self.layer_weights is not None and (
-            not isinstance(self.layer_weights, list) or not self.layer_weights
-            or not all(isinstance(w, (int, float)) and w >= 0 for w in self.layer_weights) or not sum(self.layer_weights) > 0
-        ):
-            raise ValueError(f"policy.layer_weights must be a list of non-negative numbers with a positive sum, got {self.layer_weights!r}")
+            self.check(getattr(self, name) >= 1, name, "a positive int")
+        self.check(self.precision in ("bf16", "fp32"), "precision", "'bf16' or 'fp32'")
+        self.check(self.lr > 0, "lr", "> 0")
+        self.check(self.warmup_steps >= 0, "warmup_steps", "a non-negative int")
+        self.check(self.weight_decay >= 0, "weight_decay", ">= 0")
+        self.check(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)")
+        self.check(self.shift_pixels >= 0, "shift_pixels", "a non-negative int")
+        self.check(self.layer_weights is None or (len(self.layer_weights) > 0 and min(self.layer_weights) >= 0
+                                                  and sum(self.layer_weights) > 0),
+                   "layer_weights", "a list of non-negative numbers with a positive sum, or null")
+        self.policy_config(vocab=(), num_layers=PolicyConfig.num_layers, levels=PolicyConfig.levels)
+
+    def policy_config(self, vocab: tuple[str, ...], num_layers: int, levels: int) -> PolicyConfig:
+        """The main policy's PolicyConfig: `model` with the vocabulary and the tokenizer's layers and levels.
+        A bad `model` field is a ValueError that names it as `policy.model.<field>`."""
+        name = f"{self.prefix}.model"
+        known = {f.name for f in dataclasses.fields(PolicyConfig)} - set(FROM_DATA)
+        for key in self.model:
+            if key in FROM_DATA:
+                raise ValueError(f"{name}.{key} cannot be set: it comes from the demos and the tokenizer")
+            if key not in known:
+                raise ValueError(f"{name}.{key} is not a PolicyConfig field; known: {', '.join(sorted(known))}")
+        backbone = self.model.get("backbone", {})
+        if not isinstance(backbone, dict):
+            raise ValueError(f"{name}.backbone must be a mapping of BackboneConfig fields, got {backbone!r}")
+        known = {f.name for f in dataclasses.fields(BackboneConfig)}
+        for key in backbone:
+            if key not in known:
+                raise ValueError(f"{name}.backbone.{key} is not a BackboneConfig field; "
+                                 f"known: {', '.join(sorted(known))}")
+        try:
+            return PolicyConfig.from_dict({**self.model, "vocab": vocab, "num_layers": num_layers, "levels": levels})
+        except ValueError as error:  # PolicyConfig's messages start with the field: "image_size must be ..."
+            message = str(error)
+            raise ValueError(message if message.startswith(name) else f"{name}.{message}") from None
+        except TypeError as error:  # a value of the wrong kind, e.g. vision_channels: 5
+            raise ValueError(f"{name}: {error}") from None
 
 
 @dataclass
@@ -159,78 +186,71 @@ def evaluate(policy: MainPolicy, samples: BCSamples, batch_size: int = 256) -> t
     return loss_sum / (codes * policy.config.num_layers), (correct / codes).tolist()
 
 
-def train_policy(
-    tasks: list[TaskDemos],
-    tokenizer: RFSQTokenizer,
-    model_config: dict[str, Any],
-    config: PolicyTrainConfig,
-    live: Any | None = None,
-) -> tuple[MainPolicy, dict[str, Any]]:
-    """Behaviour cloning; returns the trained policy and its metrics. `live` is an optional dvclive.Live."""
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(config.num_threads)
-    policy_config = PolicyConfig.from_dict(
-        {**model_config, "vocab": build_vocab([t.instruction for t in tasks]), "num_layers": tokenizer.config.num_layers, "levels": tokenizer.config.levels}
-    )
-    policy = MainPolicy(policy_config)
-    layer_weights = None
-    if config.layer_weights is not None:
-        if len(config.layer_weights) != policy_config.num_layers:
-            raise ValueError(f"policy.layer_weights has {len(config.layer_weights)} entries; the tokenizer has "
-                             f"{policy_config.num_layers} residual layers")
-        layer_weights = torch.tensor(config.layer_weights, dtype=torch.float32)
-    train_eps, val_eps = split_by_task(tasks, config.val_fraction, config.seed)
-    train = build_samples(tasks, tokenizer, policy_config.image_size, train_eps)
-    val = build_samples(tasks, tokenizer, policy_config.image_size, val_eps)
-    policy.set_proprio_stats(train.proprio)
-    parameters = sum(p.numel() for p in policy.parameters())
-    log.info("main policy: %.2fM parameters; %d train samples (%d episodes), %d val samples (%d episodes)",
-             parameters / 1e6, len(train), len(train_eps), len(val), len(val_eps))
+def train_policy(tasks: list[TaskDemos], tokenizer: RFSQTokenizer, config: PolicyTrainConfig,
+                 live: Live | None = None) -> tuple[MainPolicy, dict[str, Any]]:
+    """Behaviour cloning; returns the trained policy (the last epoch's) and its metrics. `live` is an
+    optional dvclive.Live. Everything runs with `config.num_threads` CPU threads, restored after."""
+    with torch_threads(config.num_threads):
+        torch.manual_seed(config.seed)
+        policy_config = config.policy_config(build_vocab([t.instruction for t in tasks]), tokenizer.config.num_layers,
+                                             tokenizer.config.levels)
+        policy = MainPolicy(policy_config)
+        layer_weights = None
+        if config.layer_weights is not None:
+            if len(config.layer_weights) != policy_config.num_layers:
+                raise ValueError(f"policy.layer_weights has {len(config.layer_weights)} entries; the tokenizer has "
+                                 f"{policy_config.num_layers} residual layers")
+            layer_weights = torch.tensor(config.layer_weights, dtype=torch.float32)
+        train_eps, val_eps = split_by_task(tasks, config.val_fraction, config.seed)
+        train_samples = build_samples(tasks, tokenizer, policy_config.image_size, train_eps)
+        val = build_samples(tasks, tokenizer, policy_config.image_size, val_eps)
+        policy.set_proprio_stats(train_samples.proprio)
+        parameters = sum(p.numel() for p in policy.parameters())
+        log.info("main policy: %.2fM parameters; %d train samples (%d episodes), %d val samples (%d episodes)",
+                 parameters / 1e6, len(train_samples), len(train_eps), len(val), len(val_eps))
 
-    steps_per_epoch = len(train) // config.batch_size
-    total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        steps_per_epoch = len(train_samples) // config.batch_size  # whole batches only
+        generator = torch.Generator().manual_seed(config.seed)
+        history: list[dict[str, Any]] = []
+        train_loss = 0.0  # the epoch's mean batch loss so far
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, config.warmup_steps, floor=0.1))
-    generator = torch.Generator().manual_seed(config.seed)
-    start = time.monotonic()
-    history = []
-    with Progress(total_steps, "policy") as bar:
-        for epoch in range(1, config.epochs + 1):
-            policy.train()
-            order = torch.randperm(len(train), generator=generator)[: steps_per_epoch * config.batch_size]
+        def batches(epoch: int) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+            nonlocal train_loss
             train_loss = 0.0
+            order = torch.randperm(len(train_samples), generator=generator)[: steps_per_epoch * config.batch_size]
             for index in order.split(config.batch_size):
-                obs, tokens = train.batch(index, policy, config.shift_pixels)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                    loss = policy.loss(obs, tokens, layer_weights)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                train_loss += loss.item() / steps_per_epoch
-                bar.update(1, epoch=epoch, loss=f"{loss.item():.3f}")
+                yield train_samples.batch(index, policy, config.shift_pixels)  # the shift draws from torch's RNG
+
+        def loss_fn(batch: tuple[dict[str, Tensor], Tensor]) -> Tensor:
+            nonlocal train_loss
+            obs, tokens = batch
+            loss = policy.loss(obs, tokens, layer_weights)
+            train_loss += loss.item() / steps_per_epoch
+            return loss
+
+        def evaluate_epoch(epoch: int) -> dict[str, float]:
             val_loss, val_acc = evaluate(policy, val)
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc})
-            log.info("Epoch %d/%d | Train Loss: %.4f | Val Loss: %.4f | Val Acc: %s", epoch, config.epochs, train_loss, val_loss,
-                     " ".join(f"L{i}={a:.3f}" for i, a in enumerate(val_acc)))
-            if live is not None:
-                live.log_metric("train/loss", train_loss)
-                live.log_metric("val/loss", val_loss)
-                for i, a in enumerate(val_acc):
-                    live.log_metric(f"val/token_accuracy_L{i}", a)
-                live.next_step()
-    metrics = {
-        "val_loss": round(history[-1]["val_loss"], 5),
-        "val_token_accuracy_per_layer": [round(a, 4) for a in history[-1]["val_acc"]],
-        "train_loss": round(history[-1]["train_loss"], 5),
-        "epochs": config.epochs,
-        "train_seconds": round(time.monotonic() - start, 1),
-        "parameters": parameters,
-        "train_samples": len(train),
-        "val_samples": len(val),
-        "train_episodes": len(train_eps),
-    }
+            log.info("Epoch %d/%d | Train Loss: %.4f | Val Loss: %.4f | Val Acc: %s", epoch, config.epochs, train_loss,
+                     val_loss, " ".join(f"L{i}={a:.3f}" for i, a in enumerate(val_acc)))
+            return {"train/loss": train_loss, "val/loss": val_loss,
+                    **{f"val/token_accuracy_L{i}": a for i, a in enumerate(val_acc)}}
+
+        start = time.monotonic()
+        # warmup, then a cosine down to a floor of 10% of the peak; gradients clipped to norm 1
+        train(policy, batches, loss_fn, LoopConfig(
+            name="policy", epochs=config.epochs, steps_per_epoch=steps_per_epoch, lr=config.lr,
+            weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, lr_floor=0.1, clip_grad_norm=1.0,
+            precision=config.precision), evaluate_epoch, live)
+        metrics = {
+            "val_loss": round(history[-1]["val_loss"], 5),
+            "val_token_accuracy_per_layer": [round(a, 4) for a in history[-1]["val_acc"]],
+            "train_loss": round(history[-1]["train_loss"], 5),
+            "epochs": config.epochs,
+            "train_seconds": round(time.monotonic() - start, 1),
+            "parameters": parameters,
+            "train_samples": len(train_samples),
+            "val_samples": len(val),
+            "train_episodes": len(train_eps),
+        }
     return policy, metrics

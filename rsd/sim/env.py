@@ -17,7 +17,7 @@ import io
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 # Headless rendering on the CPU; must be decided before robosuite is first imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -31,8 +31,10 @@ from libero.libero.envs import OffScreenRenderEnv  # noqa: E402
 from libero.libero.envs.env_wrapper import ControlEnv  # noqa: E402
 from robosuite.utils.binding_utils import MjSim  # noqa: E402
 
-SUITE = "libero_spatial"
-NUM_TASKS = 10
+from rsd.config import Config, is_int  # noqa: E402
+from rsd.sim.suite import NUM_TASKS, SUITE  # noqa: E402
+from rsd.data import proprio_vector  # noqa: E402
+
 AGENTVIEW = "agentview"
 WRIST = "robot0_eye_in_hand"
 # Fresh placements whose objects interpenetrate by more than this (metres) are resampled.
@@ -43,7 +45,7 @@ NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
 
 
 @dataclass
-class SimConfig:
+class SimConfig(Config):
     """How LIBERO environments are built.
 
     image_size: height = width of both camera images, in pixels (> 0).
@@ -61,25 +63,19 @@ class SimConfig:
     max_steps: the suite's step budget per episode, not counting settle steps (> 0).
     """
 
+    prefix: ClassVar[str] = "sim"
+
     image_size: int = 128
     fast_render: bool = True
     mesh_cell_mm: float = 4.0
     settle_steps: int = 10
     max_steps: int = 220
 
-    def __post_init__(self) -> None:
-        _check_int("image_size", self.image_size, minimum=1)
-        if not isinstance(self.fast_render, bool):
-            raise ValueError(f"SimConfig.fast_render must be a bool, got {self.fast_render!r}")
-        if isinstance(self.mesh_cell_mm, bool) or not isinstance(self.mesh_cell_mm, (int, float)) or not self.mesh_cell_mm >= 0:
-            raise ValueError(f"SimConfig.mesh_cell_mm must be a number >= 0 (0 = whole meshes), got {self.mesh_cell_mm!r}")
-        _check_int("settle_steps", self.settle_steps, minimum=0)
-        _check_int("max_steps", self.max_steps, minimum=1)
-
-
-def _check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"SimConfig.{field} must be an int >= {minimum}, got {value!r}")
+    def validate(self) -> None:
+        self.check(self.image_size >= 1, "image_size", "an int >= 1")
+        self.check(self.mesh_cell_mm >= 0, "mesh_cell_mm", "a number >= 0 (0 = whole meshes)")
+        self.check(self.settle_steps >= 0, "settle_steps", "an int >= 0")
+        self.check(self.max_steps >= 1, "max_steps", "an int >= 1")
 
 
 VISUAL_GROUP = 1  # robosuite and LIBERO put visual geoms in group 1, collision geoms in group 0 (not rendered)
@@ -132,19 +128,8 @@ def _bddl_path(task: benchmark.Task) -> str:
     return os.path.normpath(os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file))
 
 
-def task_indices(tasks: list[int] | None, param: str) -> list[int]:
-    """The suite's task indices a stage covers: all of them for None, else `tasks`, checked; `param` names
-    the setting in the error (e.g. "eval.tasks")."""
-    if tasks is None:
-        return list(range(NUM_TASKS))
-    if not isinstance(tasks, (list, tuple)) or not tasks or any(
-            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < NUM_TASKS for t in tasks):
-        raise ValueError(f"{param} must be null or a non-empty list of task indices in 0..{NUM_TASKS - 1}, got {tasks!r}")
-    return list(tasks)
-
-
 def _check_task_index(task_index: Any) -> None:
-    if isinstance(task_index, bool) or not isinstance(task_index, (int, np.integer)) or not 0 <= task_index < NUM_TASKS:
+    if not (is_int(task_index) or isinstance(task_index, np.integer)) or not 0 <= task_index < NUM_TASKS:
         raise ValueError(f"task_index must be an int in 0..{NUM_TASKS - 1} ({SUITE}), got {task_index!r}")
 
 
@@ -452,6 +437,23 @@ class LiberoEnv:
         self.close()
 
 
+_CACHED_ENVS: dict[tuple[int, bool], LiberoEnv] = {}
+
+
+def cached_env(task: int, config: SimConfig, render: bool = True) -> LiberoEnv:
+    """This process's env of `task` (with or without rendering), built once and reused across episodes:
+    building one takes seconds, a reset a fraction of one. Envs of other tasks (or another config) are
+    closed first to bound a worker's memory; the rendering and the physics-only env of one task live side
+    by side (the demos stage records with one and renders with the other)."""
+    key = (task, render)
+    env = _CACHED_ENVS.get(key)
+    if env is None or env.config != config:
+        for other in [k for k, e in _CACHED_ENVS.items() if k[0] != task or k == key or e.config != config]:
+            _CACHED_ENVS.pop(other).close()
+        _CACHED_ENVS[key] = env = LiberoEnv(task, config, render=render)
+    return env
+
+
 def low_dim_obs(obs: dict[str, Any]) -> dict[str, np.ndarray]:
     """LIBERO's low-dim demo observations for one step, with the names its demo files use."""
     return {
@@ -463,6 +465,7 @@ def low_dim_obs(obs: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def proprio(obs: dict[str, Any]) -> np.ndarray:
-    """Proprioception [8] float32: eef position (3), eef axis-angle (3), gripper finger qpos (2)."""
+    """The policy's proprio input [8] float32 from a live observation: `rsd.data.proprio_vector` of the
+    low-dim values a demo file records for the same step."""
     low = low_dim_obs(obs)
-    return np.concatenate([low["ee_pos"], low["ee_ori"], low["gripper_states"]]).astype(np.float32)
+    return proprio_vector(low["ee_pos"], low["ee_ori"], low["gripper_states"])

@@ -1,14 +1,15 @@
 """Configuration of the RFSQ action tokenizer: its shapes, its width and how it is trained."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
-from rsd.data import ACTION_DIM, CHUNK_LEN
+from rsd.config import Config
+from rsd.contract import ACTION_DIM, CHUNK_LEN, LATENT_DIM, LEVELS
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(Config):
     """Everything needed to rebuild and retrain an RFSQ tokenizer; saved inside its checkpoint.
 
     A chunk `[chunk_len, action_dim]` is encoded to a latent `[latent_len, latent_dim]`; every latent
@@ -16,12 +17,15 @@ class TokenizerConfig:
     becomes `[latent_len, latent_dim, num_layers]` codes in `0..levels-1`.
     """
 
-    # Shapes (the pipeline's contract: [8, 7] chunks, [8, 16] latents, 7 levels).
+    prefix: ClassVar[str] = "tokenizer"
+
+    # Shapes. The chunk and latent shapes are rsd.contract's: the main policy, the draft and the engine
+    # assume them, so other values are refused; they stay fields so that a checkpoint says what it was built for.
     chunk_len: int = CHUNK_LEN  # actions per chunk, executed open loop
     action_dim: int = ACTION_DIM  # xyz delta, rotation delta, gripper; fixed by the demo format
-    latent_len: int = 8  # latent rows; latent_len * latent_dim codes per residual layer
-    latent_dim: int = 16  # latent columns
-    levels: int = 7  # FSQ levels per scalar and layer; odd, so "no correction" (0) is a level
+    latent_len: int = CHUNK_LEN  # latent rows, one per chunk step; latent_len * latent_dim codes per residual layer
+    latent_dim: int = LATENT_DIM  # latent columns
+    levels: int = LEVELS  # FSQ levels per scalar and layer; odd, so "no correction" (0) is a level
     # Residual layers L; the first 3 are the coarse ones a draft proposes. 4 is the fewest that leaves a fine
     # layer to verify; on synthetic expert-like demos layers past the 3rd barely lower the error (~0.005).
     num_layers: int = 4
@@ -45,36 +49,18 @@ class TokenizerConfig:
     val_fraction: float = 0.1  # share of EPISODES held out for the metrics (chunks of one episode overlap)
     seed: int = 0  # seeds the split, the initialization and the batches
 
-    def __post_init__(self) -> None:
-        """Reject a config that would build a broken model or train on nothing, naming the field."""
-        for name in ("chunk_len", "latent_len", "latent_dim", "num_layers", "hidden_dim", "num_hidden_layers",
-                     "steps", "batch_size"):
-            _check(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "a positive int")
-        _check(self, "action_dim", self.action_dim == ACTION_DIM, f"{ACTION_DIM} (the demo format)")
-        _check(self, "levels", _is_int(self.levels) and self.levels >= 3 and self.levels % 2 == 1, "an odd int >= 3")
-        _check(self, "warmup_steps", _is_int(self.warmup_steps) and 0 <= self.warmup_steps < self.steps,
-               f"an int in [0, steps={self.steps})")
-        _check(self, "lr", _is_real(self.lr) and self.lr > 0, "> 0")
-        _check(self, "weight_decay", _is_real(self.weight_decay) and self.weight_decay >= 0, ">= 0")
-        _check(self, "first_layer_loss_weight", _is_real(self.first_layer_loss_weight)
-               and self.first_layer_loss_weight > 0, "> 0")
-        _check(self, "fine_residual_weight", _is_real(self.fine_residual_weight) and self.fine_residual_weight >= 0,
-               ">= 0")
-        _check(self, "val_fraction", _is_real(self.val_fraction) and 0 < self.val_fraction < 1, "in (0, 1)")
-        _check(self, "seed", _is_int(self.seed), "an int")
-
-
-def _is_int(value: object) -> bool:
-    """An int that is not a bool (True would otherwise pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    """A finite int or float (NaN fails every comparison, so it is caught by the range checks too)."""
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def _check(config: TokenizerConfig, name: str, ok: bool, expected: str) -> None:
-    """Raise the ValueError that names the offending field, what it must be and what it was."""
-    if not ok:
-        raise ValueError(f"TokenizerConfig.{name} must be {expected}, got {getattr(config, name)!r}")
+    def validate(self) -> None:
+        """Refuse a config that would build a broken model, or one the rest of the pipeline cannot use."""
+        for name, value, what in (("chunk_len", CHUNK_LEN, "CHUNK_LEN"), ("action_dim", ACTION_DIM, "ACTION_DIM"),
+                                  ("latent_len", CHUNK_LEN, "CHUNK_LEN"), ("latent_dim", LATENT_DIM, "LATENT_DIM")):
+            self.check(getattr(self, name) == value, name, f"{value} (rsd.contract.{what}, which the main policy, "
+                       "the draft and the engine assume)")
+        self.check(self.levels >= 3 and self.levels % 2 == 1, "levels", "an odd int >= 3")
+        for name in ("num_layers", "hidden_dim", "num_hidden_layers", "steps", "batch_size"):
+            self.check(getattr(self, name) >= 1, name, "a positive int")
+        self.check(0 <= self.warmup_steps < self.steps, "warmup_steps", f"an int in [0, steps={self.steps})")
+        self.check(self.lr > 0, "lr", "> 0")
+        self.check(self.weight_decay >= 0, "weight_decay", ">= 0")
+        self.check(self.first_layer_loss_weight > 0, "first_layer_loss_weight", "> 0")
+        self.check(self.fine_residual_weight >= 0, "fine_residual_weight", ">= 0")
+        self.check(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)")

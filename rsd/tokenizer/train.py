@@ -1,29 +1,17 @@
 """Phase 1: fit the RFSQ tokenizer to demonstration action chunks and measure it on held-out episodes."""
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from rsd.data import action_chunks, split_episodes
-from rsd.lr_schedule import warmup_cosine
-from rsd.progress import Progress
 from rsd.tokenizer.config import TokenizerConfig
 from rsd.tokenizer.model import RFSQTokenizer
-
-
-@contextlib.contextmanager
-def torch_threads(num_threads: int) -> Iterator[None]:
-    """Run the block with `num_threads` intra-op threads, then restore the caller's setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+from rsd.training import LoopConfig, torch_threads, train
 
 
 def chunks_of(episodes_actions: list[np.ndarray], chunk_len: int) -> torch.Tensor:
@@ -59,7 +47,7 @@ def evaluate_tokenizer(tokenizer: RFSQTokenizer, chunks: torch.Tensor) -> dict[s
     }
 
 
-def fit(tokenizer: RFSQTokenizer, x_train: torch.Tensor, progress: bool) -> float:
+def fit(tokenizer: RFSQTokenizer, x_train: Tensor, progress: bool) -> float:
     """AdamW on random batches of normalized chunks `x_train [N, 8, 7]`; returns the smoothed final loss.
 
     The loss is the L1 error (the metric's own units) averaged over every layer prefix k = 1..L, so that
@@ -68,30 +56,31 @@ def fit(tokenizer: RFSQTokenizer, x_train: torch.Tensor, progress: bool) -> floa
     the fine layers, which makes their codes predictable (see TokenizerConfig).
     """
     config = tokenizer.config
-    optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    # cosine decay to zero: the last, small steps polish the fine layers
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, config.steps, config.warmup_steps))
     generator = torch.Generator().manual_seed(config.seed)
     prefix_weights = torch.ones(config.num_layers)  # [L], one per prefix k = 1..L
     prefix_weights[0] = config.first_layer_loss_weight
     prefix_weights /= prefix_weights.sum()
-    tokenizer.train()
-    loss_avg = float("nan")
-    with Progress(config.steps, "tokenizer", enabled=progress) as bar:
-        for step in range(config.steps):
-            batch = x_train[torch.randint(len(x_train), (config.batch_size,), generator=generator)]  # [B, 8, 7]
-            recon, fine_residual = tokenizer(batch)  # [L, B, 8, 7], scalar
-            prefix_errors = (recon - batch).abs().mean(dim=(1, 2, 3))  # [L]
-            loss = (prefix_weights * prefix_errors).sum() + config.fine_residual_weight * fine_residual
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_avg = loss.item() if step == 0 else 0.98 * loss_avg + 0.02 * loss.item()
-            bar.update(1, loss=f"{loss_avg:.4f}")
-    tokenizer.eval()
+    losses: list[float] = []
+
+    def batches(epoch: int) -> Iterator[Tensor]:
+        """`config.steps` batches drawn with replacement: the step count does not depend on the data size."""
+        for _ in range(config.steps):
+            yield x_train[torch.randint(len(x_train), (config.batch_size,), generator=generator)]  # [B, 8, 7]
+
+    def loss_fn(batch: Tensor) -> Tensor:
+        recon, fine_residual = tokenizer(batch)  # [L, B, 8, 7], scalar
+        prefix_errors = (recon - batch).abs().mean(dim=(1, 2, 3))  # [L]
+        loss = (prefix_weights * prefix_errors).sum() + config.fine_residual_weight * fine_residual
+        losses.append(loss.item())
+        return loss
+
+    # one pass of config.steps steps; the cosine decays to zero: the last, small steps polish the fine layers
+    train(tokenizer, batches, loss_fn, LoopConfig(
+        name="tokenizer", epochs=1, steps_per_epoch=config.steps, lr=config.lr, weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps, progress=progress))
+    loss_avg = losses[0]
+    for loss in losses[1:]:
+        loss_avg = 0.98 * loss_avg + 0.02 * loss
     return loss_avg
 
 
