@@ -53,7 +53,8 @@ INSTRUCTIONS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("metrics/bench_7b.json"), help="JSON result")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON result (default metrics/bench_7b.json; a --dry-run writes none unless asked)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="vision/proprio sizes come from policy.model")
     parser.add_argument("--bench", type=Path, default=ROOT / "metrics/bench.json",
                         help="where the default --accepted-share is read (strict.accepted_layers_share)")
@@ -246,8 +247,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "wall_seconds": round(time.monotonic() - start, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or (None if args.dry_run else Path("metrics/bench_7b.json"))  # a dry run never replaces GPU figures
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
 
