@@ -109,8 +109,15 @@ def write_task_demos(path: str | Path, task: TaskDemos, env_args: dict | None = 
                     obs.create_dataset(key, data=images, chunks=(1, *images.shape[1:]), compression="gzip", compression_opts=1)
 
 
+class BadDemoData(ValueError):
+    """Demo data no model may train on (NaN or inf, images of the wrong kind or count), named by file, dataset
+    and first bad step."""
+
+
 def read_task_demos(path: str | Path, images: bool = True) -> TaskDemos:
-    """Read one task's demo file (ours or LIBERO's). Raises ValueError naming the file if it is not one."""
+    """Read one task's demo file (ours or LIBERO's). Raises ValueError naming the file if it is not one, and
+    BadDemoData (a ValueError naming the file, the dataset and the first bad step) if its data is not fit to
+    train on (`_read_demo`): the expert's files and those imported through `demos.source` alike."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"demos file not found: {path}")
@@ -124,6 +131,8 @@ def read_task_demos(path: str | Path, images: bool = True) -> TaskDemos:
             names = sorted((k for k in data.keys() if k.startswith("demo_")), key=lambda k: int(k[5:]))
             demos = [_read_demo(data[name], images, upright) for name in names]
             bddl = str(data.attrs.get("bddl_file_name", ""))
+    except BadDemoData as exc:
+        raise BadDemoData(f"{path}: {exc}") from None
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a readable LIBERO demos file: {exc}") from exc
     if not demos:
@@ -133,10 +142,21 @@ def read_task_demos(path: str | Path, images: bool = True) -> TaskDemos:
 
 
 def _read_demo(g: h5py.Group, images: bool, upright: bool) -> Demo:
-    obs = g["obs"]
+    """One demo, refused (BadDemoData) where its data would train a model on garbage: NaN or inf in the actions,
+    the proprio inputs or the states, a length that differs from the actions', images that are not [T, H, W, 3]
+    uint8 (checked from the file's metadata even where the frames are not read)."""
+    obs, where = g["obs"], g.name.lstrip("/")  # data/demo_3, as h5py tools name it
     actions = g["actions"][()].astype(np.float32)
     if actions.ndim != 2 or actions.shape[1] != ACTION_DIM:
-        raise ValueError(f"{g.name}/actions has shape {actions.shape}, expected [T, {ACTION_DIM}]")
+        raise ValueError(f"{where}/actions has shape {actions.shape}, expected [T, {ACTION_DIM}]")
+    steps = len(actions)
+    _check_finite(actions, f"{where}/actions")
+    states = _steps(g["states"][()], f"{where}/states", steps, None)
+    proprio = {key: _steps(obs[key][()].astype(np.float32), f"{where}/obs/{key}", steps, width)
+               for key, width in (("ee_pos", 3), ("ee_ori", 3), ("gripper_states", 2))}
+    for key in ("agentview_rgb", "eye_in_hand_rgb"):
+        if images or key in obs:
+            _check_frames(obs[key], f"{where}/obs/{key}", steps)
 
     def frames(key: str) -> np.ndarray | None:
         if not images:
@@ -146,15 +166,45 @@ def _read_demo(g: h5py.Group, images: bool, upright: bool) -> Demo:
 
     return Demo(
         actions=actions,
-        states=g["states"][()],
-        ee_pos=obs["ee_pos"][()].astype(np.float32),
-        ee_ori=obs["ee_ori"][()].astype(np.float32),
-        gripper_states=obs["gripper_states"][()].astype(np.float32),
+        states=states,
+        ee_pos=proprio["ee_pos"],
+        ee_ori=proprio["ee_ori"],
+        gripper_states=proprio["gripper_states"],
         joint_states=obs["joint_states"][()].astype(np.float32),
         agentview=frames("agentview_rgb"),
         wrist=frames("eye_in_hand_rgb"),
         seed=int(g.attrs["seed"]) if "seed" in g.attrs else None,
     )
+
+
+def _check_finite(x: np.ndarray, name: str) -> None:
+    """NaN or inf in per-step data `x` [T, ...]: refused with the first bad step."""
+    bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
+    if bad.any():
+        step = int(np.argmax(bad))
+        kind = "NaN" if np.isnan(x[step]).any() else "inf"
+        raise BadDemoData(f"{name} holds {kind} at step {step} ({int(bad.sum())} of {len(x)} steps not finite)")
+
+
+def _steps(x: np.ndarray, name: str, steps: int, width: int | None) -> np.ndarray:
+    """Per-step data `x`, checked: [steps, width] (any width if None), finite."""
+    if x.ndim != 2 or len(x) != steps or (width is not None and x.shape[1] != width):
+        raise BadDemoData(f"{name} has shape {list(x.shape)}, expected [{steps}, {width or 'S'}] "
+                          f"(one row per action)")
+    _check_finite(x, name)
+    return x
+
+
+def _check_frames(dataset: h5py.Dataset, name: str, steps: int) -> None:
+    """Camera frames: [steps, H, W, 3] uint8, from the dataset's metadata (the frames need not be read)."""
+    shape = list(dataset.shape)
+    if dataset.dtype != np.uint8:
+        raise BadDemoData(f"{name} holds {dataset.dtype} images, expected uint8 (RGB 0..255)")
+    if len(shape) != 4 or shape[-1] != 3:
+        raise BadDemoData(f"{name} has shape {shape}, expected [T, H, W, 3] (RGB frames)")
+    if shape[0] != steps:
+        raise BadDemoData(f"{name} holds {shape[0]} frames for {steps} actions, expected one per action "
+                          f"(step {min(shape[0], steps)} is the first without its pair)")
 
 
 def demo_files(folder: str | Path) -> list[Path]:

@@ -14,7 +14,7 @@ import numpy as np
 from rsd.config import Config
 from rsd.data import Demo, TaskDemos, demo_files, demo_path, read_task_demos, write_task_demos
 from rsd.parallel import run_unordered
-from rsd.progress import Progress
+from rsd.progress import Progress, deferred_stop, replace_dir
 from rsd.sim.env import LiberoEnv, SimConfig, cached_env, placement_seed
 from rsd.sim.suite import NUM_TASKS, TASKS_EXPECTED, are_task_indices, task_indices
 from rsd.sim.expert import rollout_expert
@@ -45,6 +45,9 @@ class DemosConfig(Config):
     """Parallel simulator processes."""
 
     def validate(self) -> None:
+        # checked here, so that `rsd doctor` and the stage refuse a mistyped folder before any work
+        self.check(self.source == "expert" or (self.source != "" and Path(self.source).is_dir()), "source",
+                   "'expert' or an existing folder of LIBERO <task>_demo.hdf5 files")
         self.check(are_task_indices(self.tasks), "tasks", TASKS_EXPECTED)
         self.check(self.attempts_per_task >= 1, "attempts_per_task", "at least 1")
         self.check(all(0 <= t < NUM_TASKS and n >= 0 for t, n in (self.extra_attempts or {}).items()),
@@ -68,14 +71,17 @@ def make_demos(config: DemosConfig, sim: SimConfig, seed: int, out_dir: str | Pa
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    start = time.monotonic()
-    if config.source == "expert":
-        metrics = _expert_demos(config, sim, seed, tmp_dir)
-    else:
-        metrics = _copy_libero_demos(Path(config.source), tmp_dir)
-    metrics["wall_seconds"] = round(time.monotonic() - start, 1)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp_dir.rename(out_dir)  # the folder appears only once every task file is complete
+    try:
+        start = time.monotonic()
+        if config.source == "expert":
+            metrics = _expert_demos(config, sim, seed, tmp_dir)
+        else:
+            metrics = _copy_libero_demos(Path(config.source), tmp_dir)
+        metrics["wall_seconds"] = round(time.monotonic() - start, 1)
+        replace_dir(tmp_dir, out_dir)  # the folder appears only once every task file is complete
+    finally:
+        with deferred_stop():  # a failed or stopped run leaves no half-filled folder
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     return metrics
 
 
@@ -112,6 +118,11 @@ def _attempt(job: tuple[int, int, int, int]) -> tuple[int, int, bool, int, Demo 
     return task, attempt, True, episode.length, demo
 
 
+def _describe_attempt(job: tuple[int, int, int, int]) -> str:
+    task, attempt, seed, _ = job
+    return f"expert attempt {attempt} of task {task} (placement seed {seed})"
+
+
 def _expert_demos(config: DemosConfig, sim: SimConfig, seed: int, out_dir: Path) -> dict:
     tasks = config.task_indices
     jobs = [(t, a, placement_seed(seed, DEMOS_STREAM, t, a), config.max_steps) for t in tasks for a in range(config.attempts(t))]
@@ -123,7 +134,8 @@ def _expert_demos(config: DemosConfig, sim: SimConfig, seed: int, out_dir: Path)
     lengths: dict[int, list[int]] = defaultdict(list)  # of successes
     finished: dict[int, int] = defaultdict(int)
     with Progress(len(jobs), "demos") as bar:
-        for task, attempt, success, length, demo in run_unordered(_attempt, jobs, config.workers, _init_worker, (sim,)):
+        for task, attempt, success, length, demo in run_unordered(_attempt, jobs, config.workers, _init_worker, (sim,),
+                                                                  describe=_describe_attempt):
             finished[task] += 1
             if success:
                 kept[task].append((attempt, demo))

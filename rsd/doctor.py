@@ -88,6 +88,7 @@ class _State:
     config: DoctorConfig
     params: dict[str, Any] | None = None
     tokenizer_layers: tuple[int, int] | None = None  # (num_layers, levels)
+    tokenizer_fingerprint: str | None = None  # RFSQTokenizer.fingerprint(), which the policy must have recorded
     policy_hidden: int | None = None
 
 
@@ -237,13 +238,15 @@ def check_tokenizer(state: _State) -> CheckResult:
     name, tokenizer = loaded
     c = tokenizer.config
     state.tokenizer_layers = (c.num_layers, c.levels)
+    state.tokenizer_fingerprint = tokenizer.fingerprint()
     parameters = sum(p.numel() for p in tokenizer.parameters())
     return CheckResult("tokenizer", True, f"{name}: {c.num_layers} layers x {c.levels} levels, "
-                       f"{parameters / 1e6:.2f}M parameters")
+                       f"{parameters / 1e6:.2f}M parameters, tokenizer {state.tokenizer_fingerprint[:12]}")
 
 
 def check_policy(state: _State) -> CheckResult:
-    """The main policy checkpoint is there, loads, and fits the tokenizer."""
+    """The main policy checkpoint is there, loads, and fits the tokenizer: its layers and levels, and the very
+    tokenizer it was trained on (the fingerprint the policy recorded)."""
     from rsd.policy.model import MainPolicy
 
     loaded = _load_output(state, "policy", "policy", MainPolicy.load)
@@ -257,11 +260,16 @@ def check_policy(state: _State) -> CheckResult:
         except ValueError as exc:
             return CheckResult("policy", False, f"{name} does not fit {stage_output(state.config.root, 'tokenizer')}: {exc}",
                                "retrain the policy on this tokenizer: `dvc repro policy`")
+    if state.tokenizer_fingerprint is not None and policy.tokenizer_fingerprint != state.tokenizer_fingerprint:
+        return CheckResult("policy", False, f"{name} was trained with tokenizer {policy.tokenizer_fingerprint[:12]}, but "
+                           f"{stage_output(state.config.root, 'tokenizer')} is tokenizer "
+                           f"{state.tokenizer_fingerprint[:12]} (sha256 of its checkpoint): same shapes, another tokenizer",
+                           "retrain the policy on this tokenizer: `dvc repro policy`")
     state.policy_hidden = c.backbone.hidden_size
     parameters = sum(p.numel() for p in policy.parameters())
     return CheckResult("policy", True, f"{name}: hidden size {c.backbone.hidden_size}, "
                        f"{c.backbone.num_hidden_layers} backbone layers, {c.num_layers} residual layers, "
-                       f"{parameters / 1e6:.2f}M parameters")
+                       f"{parameters / 1e6:.2f}M parameters, trained with tokenizer {policy.tokenizer_fingerprint[:12]}")
 
 
 def check_draft(state: _State) -> CheckResult:

@@ -87,6 +87,7 @@ class RSDEngine:
         if self.config.mode != "none" and draft is None:
             raise ValueError(f"engine mode {self.config.mode!r} needs a draft model")
         policy.config.check_tokenizer(tokenizer.config.num_layers, tokenizer.config.levels)
+        check_tokenizer_pair(policy, tokenizer)
         if draft is not None:
             hidden = policy.config.backbone.hidden_size
             if draft.config.input_dim != hidden:
@@ -204,10 +205,26 @@ class RSDEngine:
         return time.perf_counter()
 
 
+def check_tokenizer_pair(policy: MainPolicy, tokenizer: RFSQTokenizer, policy_name: str = "the main policy",
+                         tokenizer_name: str = "the tokenizer") -> None:
+    """Refuse a tokenizer other than the one `policy` was trained on (its recorded fingerprint): one of the same
+    shapes from another run passes every shape check and decodes the policy's codes into other actions. A policy
+    built in memory records none (tests, benchmarks on random weights) and is not checked."""
+    expected = policy.tokenizer_fingerprint
+    if expected is None:
+        return
+    found = tokenizer.fingerprint()
+    if found != expected:
+        raise ValueError(f"{policy_name} was trained with tokenizer {expected[:12]}, but {tokenizer_name} is "
+                         f"tokenizer {found[:12]} (sha256 of its checkpoint): use the tokenizer the policy was "
+                         f"trained on, or retrain the policy on this one, `dvc repro policy`")
+
+
 def load_engine(policy_path: str, tokenizer_path: str, draft_path: str | None, config: EngineConfig, device: str = "cpu") -> RSDEngine:
     """Build an engine from checkpoints (a picklable factory for the evaluator's worker processes)."""
     policy = MainPolicy.load(policy_path).to(device)
     tokenizer = RFSQTokenizer.load(tokenizer_path)
+    check_tokenizer_pair(policy, tokenizer, f"main policy {policy_path}", tokenizer_path)  # with the files' names
     draft = None
     if draft_path is not None and config.mode != "none":
         draft, record = load_draft(draft_path)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -17,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from rsd.config import Config
-from rsd.progress import setup_logging
+from rsd.progress import die_with_parent, exit_on_signals, setup_logging
 
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
@@ -71,6 +73,11 @@ def section(params: dict[str, Any], name: str, cls: type[T], **overrides: Any) -
     if unknown:
         raise ValueError(f"params: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
                          f"known: {', '.join(sorted(known))}")
+    required = {f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(values) - set(overrides))
+    if missing:
+        raise ValueError(f"params: {', '.join(f'{name}.{k}' for k in missing)} missing: it has no default")
     return cls(**{**values, **overrides})
 
 
@@ -91,15 +98,41 @@ def check_sections(params: dict[str, Any]) -> list[str]:
     return problems
 
 
+def start_stage() -> None:
+    """What a stage script does first (`stage_args` does it): it dies with the process that started it (a
+    killed `dvc repro`), a stop signal (SIGTERM, SIGINT, SIGHUP) becomes an orderly exit (its workers
+    terminated, its temporary files removed, nothing more written, exit status 128 + the signal), and the
+    log starts. A bad input (a ValueError or OSError: every check of a file, a checkpoint or a param
+    raises one naming it) ends the stage with its message alone, no traceback (RSD_TRACEBACK=1 shows it)."""
+    die_with_parent()
+    exit_on_signals()
+    setup_logging()
+    if not os.environ.get("RSD_TRACEBACK"):
+        sys.excepthook = _one_line_errors(sys.excepthook)
+
+
+_INPUT_ERRORS = {"ValueError", "FileNotFoundError", "OSError", "BadDemoData"}
+
+
+def _one_line_errors(default: Any) -> Any:
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        # a worker's error (rsd.parallel.WorkerError) of the same kinds says it all in its message, too
+        if issubclass(kind, (ValueError, OSError)) or getattr(error, "error_type", None) in _INPUT_ERRORS:
+            print(f"{Path(sys.argv[0]).name}: {type(error).__name__}: {error}", file=sys.stderr)
+        else:
+            default(kind, error, trace)
+    return hook
+
+
 def stage_args(description: str | None, *paths: str) -> argparse.Namespace:
     """The paths a stage script is given on its command line, in order (dvc.yaml's `cmd` names them);
-    also starts the log. A missing or extra argument is a usage error naming what is expected."""
+    starts the stage first (`start_stage`). A missing or extra argument is a usage error naming what is
+    expected."""
+    start_stage()
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in paths:
         parser.add_argument(name, type=Path)
-    args = parser.parse_args()
-    setup_logging()
-    return args
+    return parser.parse_args()
 
 
 @dataclass

@@ -15,8 +15,7 @@ from pathlib import Path
 from rsd.engine import load_engine
 from rsd.evaluation import EvalConfig, evaluate
 from rsd.io import write_json
-from rsd.params import BaseConfig, load_params, section
-from rsd.progress import setup_logging
+from rsd.params import BaseConfig, load_params, section, start_stage
 from rsd.sim.env import SimConfig
 
 log = logging.getLogger("rsd.eval")
@@ -26,6 +25,7 @@ VARIANTS = {"no_draft": "none", "draft": "strict", "draft_relaxed": "relaxed"}
 
 
 def main() -> None:
+    start_stage()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", choices=VARIANTS)
     for name in ("policy", "tokenizer", "metrics"):
@@ -36,7 +36,6 @@ def main() -> None:
     mode = VARIANTS[args.variant]
     if (mode == "none") != (args.draft is None) or (args.draft is None) != (args.verdict is None):
         parser.error(f"variant {args.variant} takes --draft and --verdict exactly when it decodes with the draft")
-    setup_logging()
 
     params = load_params()
     base = section(params, "base", BaseConfig)

@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from rsd.data import action_chunks, demo_files, read_demos, read_task_demos
+from rsd.data import (BadDemoData, Demo, TaskDemos, action_chunks, demo_files, read_demos, read_task_demos,
+                      write_task_demos)
 from rsd.demos import DemosConfig, make_demos
 from rsd.params import section
 from rsd.sim.env import SimConfig
@@ -112,3 +113,103 @@ def test_action_chunks_pad_with_last_action():
     assert np.array_equal(chunks[0, :3], actions) and np.array_equal(chunks[0, 3:], np.repeat(actions[-1:], 5, 0))
     with pytest.raises(ValueError, match=r"\[T>0, 7\]"):
         action_chunks(np.zeros((4, 6)))
+
+
+# --- garbage demo data never trains a model ---------------------------------------------------------
+
+def _write_demos(folder: Path, steps: int = 6) -> Path:
+    """A task file of two small demos, synthetic (no simulator), in the stage's layout."""
+    rng = np.random.default_rng(0)
+
+    def demo() -> Demo:
+        return Demo(actions=rng.uniform(-1, 1, (steps, 7)).astype(np.float32), states=rng.normal(size=(steps, 9)),
+                    ee_pos=rng.normal(size=(steps, 3)), ee_ori=rng.normal(size=(steps, 3)),
+                    gripper_states=rng.normal(size=(steps, 2)), joint_states=rng.normal(size=(steps, 7)),
+                    agentview=rng.integers(0, 256, (steps, 8, 8, 3), dtype=np.uint8),
+                    wrist=rng.integers(0, 256, (steps, 8, 8, 3), dtype=np.uint8))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pick_bowl_demo.hdf5"
+    write_task_demos(path, TaskDemos("pick_bowl", "pick up the black bowl", [demo(), demo()]))
+    return path
+
+
+def _replace(path: Path, name: str, data: np.ndarray) -> None:
+    with h5py.File(path, "a") as f:
+        del f[name]
+        f.create_dataset(name, data=data)
+
+
+def test_synthetic_demos_read_back_whole(tmp_path: Path) -> None:
+    path = _write_demos(tmp_path)
+    with h5py.File(path) as f:
+        actions = f["data/demo_1/actions"][()]
+    task = read_task_demos(path)
+    assert len(task.demos) == 2 and np.array_equal(task.demos[1].actions, actions)
+
+
+@pytest.mark.parametrize("dataset, step, value", [
+    ("actions", 3, np.nan), ("obs/ee_pos", 0, np.inf), ("obs/ee_ori", 5, -np.inf), ("obs/gripper_states", 2, np.nan),
+    ("states", 4, np.nan)])
+@pytest.mark.parametrize("images", [True, False])
+def test_non_finite_demo_data_is_refused_naming_file_dataset_and_step(tmp_path: Path, dataset: str, step: int,
+                                                                      value: float, images: bool) -> None:
+    path = _write_demos(tmp_path)
+    name = f"data/demo_1/{dataset}"
+    with h5py.File(path) as f:
+        data = f[name][()]
+    data[step, 1] = value
+    data[step + 1:, 0] = value  # later bad steps too: the first is named
+    _replace(path, name, data)
+    kind = "NaN" if np.isnan(value) else "inf"
+    with pytest.raises(BadDemoData, match=rf"^{re.escape(str(path))}: {name} holds {kind} at step {step} "
+                                          rf"\(\d of 6 steps not finite\)$"):
+        read_task_demos(path, images=images)
+
+
+@pytest.mark.parametrize("frames, message", [
+    (np.zeros((6, 8, 8, 3), np.float32), "holds float32 images, expected uint8"),
+    (np.zeros((6, 8, 8, 4), np.uint8), r"has shape \[6, 8, 8, 4\], expected \[T, H, W, 3\]"),
+    (np.zeros((6, 8, 8), np.uint8), r"has shape \[6, 8, 8\], expected \[T, H, W, 3\]"),
+    (np.zeros((4, 8, 8, 3), np.uint8), r"holds 4 frames for 6 actions, expected one per action \(step 4 is the first"),
+])
+@pytest.mark.parametrize("images", [True, False])  # checked from the file's metadata where the frames are not read
+def test_images_of_the_wrong_kind_or_count_are_refused(tmp_path: Path, frames: np.ndarray, message: str,
+                                                      images: bool) -> None:
+    path = _write_demos(tmp_path)
+    _replace(path, "data/demo_0/obs/eye_in_hand_rgb", frames)
+    with pytest.raises(BadDemoData, match=rf"^{re.escape(str(path))}: data/demo_0/obs/eye_in_hand_rgb {message}"):
+        read_task_demos(path, images=images)
+
+
+def test_proprio_of_another_length_is_refused(tmp_path: Path) -> None:
+    path = _write_demos(tmp_path)
+    _replace(path, "data/demo_0/obs/ee_pos", np.zeros((5, 3), np.float32))
+    with pytest.raises(BadDemoData, match=r"data/demo_0/obs/ee_pos has shape \[5, 3\], expected \[6, 3\]"):
+        read_task_demos(path, images=False)
+
+
+def test_imported_demos_are_checked_before_any_is_used(tmp_path: Path) -> None:
+    """`demos.source` files: a NaN refuses the folder, and the stage's earlier demos stay as they were."""
+    source = tmp_path / "libero"
+    path = _write_demos(source)
+    with h5py.File(path) as f:
+        actions = f["data/demo_0/actions"][()]
+    actions[2, 6] = np.nan
+    _replace(path, "data/demo_0/actions", actions)
+    out = tmp_path / "demos"
+    out.mkdir()
+    (out / "earlier_demo.hdf5").write_text("the demos dvc.lock describes")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: data/demo_0/actions holds NaN at step 2"):
+        make_demos(DemosConfig(source=str(source)), SimConfig(), seed=0, out_dir=out)
+    assert [p.name for p in out.iterdir()] == ["earlier_demo.hdf5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demos", "libero"]  # no half-filled folder left
+
+
+def test_demos_source_is_expert_or_an_existing_folder(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    for source in (str(tmp_path / "nowhere"), str(tmp_path / "a_file"), "Expert", ""):
+        with pytest.raises(ValueError, match=rf"^demos\.source must be 'expert' or an existing folder of LIBERO "
+                                             rf"<task>_demo\.hdf5 files, got {re.escape(repr(source))}$"):
+            section({"demos": {"source": source}}, "demos", DemosConfig)
+    assert DemosConfig(source=str(tmp_path)).source == str(tmp_path) and DemosConfig().source == "expert"

@@ -3,6 +3,7 @@ folder with tiny real checkpoints (made here, as tests/test_policy.py, test_toke
 build theirs), a DVC repository and a reachable S3 remote (moto's server), every check passes."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -33,12 +34,12 @@ def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
     return {r.name: r for r in results}
 
 
-def tiny_policy(num_layers: int = 4) -> MainPolicy:
+def tiny_policy(num_layers: int = 4, tokenizer_fingerprint: str = "0" * 64) -> MainPolicy:
     backbone = BackboneConfig(hidden_size=H, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                               num_key_value_heads=1, max_position_embeddings=64)
     config = PolicyConfig(vocab=build_vocab(["pick up the bowl"]), max_instruction_words=20, image_size=32,
                           vision_channels=(8, 16), vision_grid=2, num_layers=num_layers, backbone=backbone)
-    return MainPolicy(config)
+    return MainPolicy(config, tokenizer_fingerprint)
 
 
 def save_tiny_draft(path: Path, input_dim: int = H) -> None:
@@ -66,8 +67,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "models").mkdir()
     torch.manual_seed(0)
-    RFSQTokenizer(TokenizerConfig(hidden_dim=32, num_layers=4)).save(root / "models" / "tokenizer.pt")
-    tiny_policy().save(root / "models" / "policy.pt")
+    tokenizer = RFSQTokenizer(TokenizerConfig(hidden_dim=32, num_layers=4))
+    tokenizer.save(root / "models" / "tokenizer.pt")
+    tiny_policy(tokenizer_fingerprint=tokenizer.fingerprint()).save(root / "models" / "policy.pt")
     save_tiny_draft(root / "models" / "draft.pt")
     git_dvc_repo(root)
     (root / "dvc.yaml").write_bytes((ROOT / "dvc.yaml").read_bytes())  # where the doctor finds the checkpoints
@@ -144,6 +146,22 @@ def test_checkpoints_that_do_not_fit_each_other_fail(project: Path, tmp_path: Pa
     checks = by_name(run_doctor(DoctorConfig(root=root, skip=("libero", "remote", "dvc"))))
     assert not checks["policy"].ok and "does not fit models/tokenizer.pt" in checks["policy"].detail
     assert "dvc repro policy" in checks["policy"].fix
+
+
+def test_a_policy_trained_on_another_tokenizer_of_the_same_shapes_fails(project: Path, tmp_path: Path) -> None:
+    root = tmp_path / "other-tokenizer"
+    (root / "models").mkdir(parents=True)
+    (root / "dvc.yaml").write_bytes((project / "dvc.yaml").read_bytes())
+    tokenizer = project / "models" / "tokenizer.pt"
+    (root / "models" / "tokenizer.pt").write_bytes(tokenizer.read_bytes())
+    tiny_policy(tokenizer_fingerprint="1" * 64).save(root / "models" / "policy.pt")  # trained on another tokenizer
+    checks = by_name(run_doctor(DoctorConfig(root=root, skip=("libero", "remote", "dvc", "params", "draft"))))
+    found = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12]
+    assert checks["tokenizer"].ok and f"tokenizer {found}" in checks["tokenizer"].detail
+    assert not checks["policy"].ok and checks["policy"].detail == (
+        f"models/policy.pt was trained with tokenizer 111111111111, but models/tokenizer.pt is tokenizer {found} "
+        "(sha256 of its checkpoint): same shapes, another tokenizer")
+    assert checks["policy"].fix == "retrain the policy on this tokenizer: `dvc repro policy`"
 
 
 def test_a_malformed_draft_fails_with_the_failed_verify_checks(project: Path, tmp_path: Path) -> None:

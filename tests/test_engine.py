@@ -1,13 +1,15 @@
 """The RSD engine: speculative decoding must reproduce no-draft decoding in strict mode, whatever the draft says."""
 from __future__ import annotations
 
+import copy
+import re
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from rsd.engine import EngineConfig, RSDEngine
+from rsd.engine import EngineConfig, RSDEngine, load_engine
 from rsd.evaluation import EvalConfig
 from rsd.policy.config import PolicyConfig, build_vocab
 from rsd.policy.model import MainPolicy
@@ -120,6 +122,30 @@ def test_engine_refuses_mismatched_parts(parts):
         EngineConfig(mode="strict", draft_precision="fp16")
     with pytest.raises(ValueError, match="eval.tolerance must be an int, got 1.5"):
         EngineConfig(mode="relaxed", tolerance=1.5)
+
+
+def test_engine_refuses_a_tokenizer_the_policy_was_not_trained_on(parts, tmp_path):
+    """Same shapes, another tokenizer (another run's): every shape check passes, the fingerprint does not."""
+    policy, tokenizer = parts
+    torch.manual_seed(1)
+    other = RFSQTokenizer(TokenizerConfig(num_layers=4), np.full(7, -1.0), np.full(7, 1.0)).eval()
+    trained = copy.deepcopy(policy)
+    trained.tokenizer_fingerprint = tokenizer.fingerprint()  # as train_policy records it
+    RSDEngine(trained, tokenizer)  # its own tokenizer: accepted
+    expected, found = tokenizer.fingerprint()[:12], other.fingerprint()[:12]
+    with pytest.raises(ValueError, match=re.escape(f"the main policy was trained with tokenizer {expected}, but the "
+                                                   f"tokenizer is tokenizer {found} (sha256 of its checkpoint)")):
+        RSDEngine(trained, other)
+
+    trained.save(tmp_path / "policy.pt")
+    tokenizer.save(tmp_path / "tokenizer.pt")
+    other.save(tmp_path / "other.pt")
+    engine = load_engine(str(tmp_path / "policy.pt"), str(tmp_path / "tokenizer.pt"), None, EngineConfig())
+    assert engine.policy.tokenizer_fingerprint == tokenizer.fingerprint()
+    with pytest.raises(ValueError, match=re.escape(f"main policy {tmp_path / 'policy.pt'} was trained with tokenizer "
+                                                   f"{expected}, but {tmp_path / 'other.pt'} is tokenizer {found}")
+                       + ".*retrain the policy on this one, `dvc repro policy`"):
+        load_engine(str(tmp_path / "policy.pt"), str(tmp_path / "other.pt"), None, EngineConfig())
 
 
 def test_eval_params_configure_the_draft_engines():

@@ -57,6 +57,11 @@ def test_a_missing_section_is_refused_not_defaulted(params: dict) -> None:
     assert check_sections(params) == ["params: section 'train' is missing (expected " + ", ".join(SECTIONS) + ")"]
 
 
+def test_the_policy_architecture_is_required(params: dict) -> None:
+    del params["policy"]["model"]
+    assert check_sections(params) == ["params: policy.model missing: it has no default"]
+
+
 def test_a_section_is_built_by_its_one_config_class(params: dict) -> None:
     with pytest.raises(TypeError, match="params section 'base' builds rsd.params:BaseConfig, not"):
         section(params, "base", PolicyTrainConfig)

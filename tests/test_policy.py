@@ -20,6 +20,7 @@ INSTRUCTIONS = [
     "pick up the bowl",
 ]
 L = 5
+FINGERPRINT = "ab" * 32  # a tokenizer's fingerprint (a sha256), which a saved policy records
 
 
 def small_config(**changes) -> PolicyConfig:
@@ -59,7 +60,7 @@ def greedy_tokens(model: MainPolicy, obs: dict[str, torch.Tensor]) -> torch.Tens
 @pytest.fixture(scope="module")
 def model() -> MainPolicy:
     torch.manual_seed(0)
-    return MainPolicy(small_config()).eval()
+    return MainPolicy(small_config(), FINGERPRINT).eval()
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +199,7 @@ def test_checkpoint_round_trip(model: MainPolicy, obs: dict[str, torch.Tensor], 
     model.save(path)
     loaded = MainPolicy.load(path, config=small_config())
     assert loaded.config == model.config and torch.equal(loaded.proprio_mean, model.proprio_mean)
+    assert loaded.tokenizer_fingerprint == FINGERPRINT
     assert torch.equal(greedy_tokens(loaded, obs), greedy_tokens(model, obs))
     assert torch.equal(loaded.prefill(obs)[1], model.prefill(obs)[1])
     model.save(tmp_path / "again.pt")  # equal weights, equal bytes: a rerun that reproduces a model keeps its DVC hash
@@ -225,6 +227,24 @@ def test_bad_checkpoints_are_refused(model: MainPolicy, tmp_path) -> None:
         MainPolicy.load(tmp_path / "draft.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         MainPolicy.load(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_records_its_tokenizer(model: MainPolicy, tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"cannot save the main policy to .*unrecorded\.pt: it records no tokenizer"):
+        MainPolicy(small_config()).save(tmp_path / "unrecorded.pt")
+    assert not (tmp_path / "unrecorded.pt").exists()
+    path = tmp_path / "main.pt"
+    model.save(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["tokenizer_fingerprint"] == FINGERPRINT and "tokenizer_fingerprint" not in ckpt["state_dict"]
+    older = {k: v for k, v in ckpt.items() if k != "tokenizer_fingerprint"} | {"format_version": 2}
+    torch.save(older, tmp_path / "v2.pt")
+    with pytest.raises(ValueError, match=r"v2\.pt is of format v2, from before a policy recorded the tokenizer it was "
+                                         r"trained on; this code reads v3: retrain it, `dvc repro policy`"):
+        MainPolicy.load(tmp_path / "v2.pt")
+    torch.save({**ckpt, "tokenizer_fingerprint": None}, tmp_path / "none.pt")
+    with pytest.raises(ValueError, match=r"none\.pt has tokenizer_fingerprint=None, expected the sha256"):
+        MainPolicy.load(tmp_path / "none.pt")
 
 
 @pytest.mark.parametrize("field, value", [
@@ -261,14 +281,14 @@ def test_bad_layer_weights_name_the_param(weights) -> None:
     from rsd.policy.train import PolicyTrainConfig
 
     with pytest.raises(ValueError, match="policy.layer_weights"):
-        PolicyTrainConfig(layer_weights=weights)
+        PolicyTrainConfig(model={}, layer_weights=weights)
 
 
 def test_bad_precision_names_the_param() -> None:
     from rsd.policy.train import PolicyTrainConfig
 
     with pytest.raises(ValueError, match="policy.precision"):
-        PolicyTrainConfig(precision="fp16")
+        PolicyTrainConfig(model={}, precision="fp16")
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -286,7 +306,7 @@ def test_bad_train_config_names_the_param(changes: dict, message: str) -> None:
     from rsd.policy.train import PolicyTrainConfig
 
     with pytest.raises(ValueError, match=re.escape(message)):
-        PolicyTrainConfig(**changes)
+        PolicyTrainConfig(**{"model": {}, **changes})
 
 
 class FakeLive:
@@ -321,7 +341,7 @@ def tiny_tasks() -> list:
             TaskDemos("b", INSTRUCTIONS[2], [demo(10) for _ in range(3)])]
 
 
-def test_train_policy_builds_the_model_from_its_config_and_restores_threads() -> None:
+def test_train_policy_builds_the_model_from_its_config_and_restores_threads(tmp_path) -> None:
     import numpy as np
 
     from rsd.policy.train import PolicyTrainConfig, train_policy
@@ -348,3 +368,6 @@ def test_train_policy_builds_the_model_from_its_config_and_restores_threads() ->
     assert len(live.steps) == 3 and live.steps[-1] == {}  # one DVCLive step per epoch
     assert set(live.steps[0]) == {"train/loss", "val/loss"} | {f"val/token_accuracy_L{i}" for i in range(4)}
     assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), again.state_dict().values()))
+    assert policy.tokenizer_fingerprint == tokenizer.fingerprint()  # recorded for the checkpoint
+    policy.save(tmp_path / "policy.pt")  # as the policy stage does; it loads as data only
+    assert MainPolicy.load(tmp_path / "policy.pt").tokenizer_fingerprint == tokenizer.fingerprint()

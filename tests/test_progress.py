@@ -1,13 +1,17 @@
-"""Progress reporting: a tqdm bar in a terminal, plain timestamped log lines under CI or in a log file."""
+"""Progress reporting: a tqdm bar in a terminal, plain timestamped log lines under CI or in a log file; DVCLive
+curves that land only when the training succeeds."""
 from __future__ import annotations
 
 import io
+import json
 import logging
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 
-from rsd.progress import Progress, interactive
+from rsd.progress import Interrupted, Progress, interactive, live_run
 
 
 class Terminal(io.StringIO):
@@ -46,3 +50,45 @@ def test_a_bar_in_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
         assert bar._bar is not None
         bar.update(4, loss="0.5")
     assert "policy" in terminal.getvalue() and "4/4" in terminal.getvalue()
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def old_curves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """dvclive/policy as the last successful run left it (and dvc.lock describes it); outside any DVC repo."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "dvclive" / "policy"
+    (target / "plots" / "metrics" / "val").mkdir(parents=True)
+    (target / "plots" / "metrics" / "val" / "loss.tsv").write_text("timestamp\tstep\tloss\n0\t0\t0.5\n")
+    (target / "metrics.json").write_text('{"val": {"loss": 0.5}, "step": 11}\n')
+    return target
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("NaN loss"), Interrupted(signal.SIGTERM)], ids=["error", "SIGTERM"])
+def test_a_failed_training_leaves_the_old_curves(old_curves: Path, failure: BaseException) -> None:
+    before = _tree(old_curves)
+    with pytest.raises(type(failure)):
+        with live_run(old_curves) as live:
+            live.log_metric("train/loss", 2.0)
+            live.next_step()  # DVCLive has written this run's curves and metrics.json, in its staging folder
+            assert _tree(old_curves) == before
+            raise failure
+    assert _tree(old_curves) == before
+    assert sorted(p.name for p in old_curves.parent.iterdir()) == ["policy"]  # no staging folder left
+
+
+def test_curves_land_whole_when_training_succeeds(old_curves: Path) -> None:
+    stale = old_curves.with_name(".policy.live-0123abcd")  # a run killed outright (SIGKILL) left its staging folder
+    stale.mkdir()
+    (stale / "metrics.json").write_text("{}")
+    with live_run(old_curves) as live:
+        for loss in (2.0, 1.0):
+            live.log_metric("train/loss", loss)
+            live.next_step()
+    files = _tree(old_curves)
+    assert sorted(files) == ["metrics.json", "plots/metrics/train/loss.tsv"]  # the old run's files replaced, not merged
+    assert json.loads(files["metrics.json"]) == {"train": {"loss": 1.0}, "step": 1}
+    assert sorted(p.name for p in old_curves.parent.iterdir()) == ["policy"]

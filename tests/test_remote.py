@@ -2,8 +2,9 @@
 
 A tiny DVC repository made here, with the project's own `.dvc/config` (its default remote), runs a
 one-stage pipeline, pushes its outputs to the bucket, loses its cache and outputs, pulls them back and
-finds every file's md5 equal to what dvc.lock recorded. Nothing is mocked: DVC, dvc-s3 and boto talk
-HTTP to moto's S3 server. Works offline.
+finds every file's md5 equal to what dvc.lock recorded; an object tampered with in the bucket is refused
+on pull (the remote's `verify`). Nothing is mocked: DVC, dvc-s3 and boto talk HTTP to moto's S3 server.
+Works offline.
 """
 from __future__ import annotations
 
@@ -150,6 +151,57 @@ def test_push_then_pull_restores_outputs_with_their_locked_hashes(tmp_path: Path
     for entry in entries:
         assert md5(repo / "out/parts" / entry["relpath"]) == entry["md5"], entry["relpath"]
     assert "up to date" in dvc("status", cwd=repo, env=aws_env)
+
+
+def test_project_remote_verifies_what_it_downloads() -> None:
+    """`verify`: DVC rehashes every object it pulls instead of trusting the name it has in the bucket."""
+    from dvc.config import Config
+
+    name, _ = project_remote()
+    value = Config(dvc_dir=str(ROOT / ".dvc"), validate=False).load_one("repo")["remote"][name].get("verify")
+    assert str(value).lower() == "true", f"got verify={value!r}; set it: `dvc remote modify {name} verify true`"
+
+
+@pytest.mark.parametrize("target", ["out/data.bin", "out/parts/part1.txt"])
+def test_pull_refuses_an_object_tampered_with_in_the_bucket(target: str, tmp_path: Path, s3_endpoint: str,
+                                                            aws_env: dict[str, str]) -> None:
+    """A file, or one file of a directory output: its object in the bucket is changed after the push. With
+    `verify` DVC rehashes it on download and drops it from the cache, so checkout fails (exit 1, "Checkout failed
+    for following targets") and the workspace never gets the tampered bytes. Without `verify` the same pull
+    exits 0 and checks the tampered bytes out."""
+    name, _ = project_remote()
+    repo = tmp_path / "repo"
+    make_repo(repo, aws_env)
+    prefix = f"tamper-{target.replace('/', '-')}"
+    dvc("remote", "modify", "--local", name, "url", f"s3://{BUCKET}/{prefix}", cwd=repo, env=aws_env)
+    dvc("remote", "modify", "--local", name, "endpointurl", s3_endpoint, cwd=repo, env=aws_env)
+    dvc("repro", cwd=repo, env=aws_env)
+    dvc("push", cwd=repo, env=aws_env)
+    original = (repo / target).read_bytes()
+    in_dir = (repo / target).parent.name == "parts"
+    if in_dir:  # a directory's member: its md5 is in the directory's manifest
+        manifest = lock_outs(repo)["out/parts"]
+        entries = json.loads((repo / ".dvc/cache/files/md5" / manifest[:2] / manifest[2:]).read_text())
+        oid = next(e["md5"] for e in entries if e["relpath"] == Path(target).name)
+    else:
+        oid = lock_outs(repo)[target]
+    assert oid == md5(repo / target)
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    key = f"{prefix}/files/md5/{oid[:2]}/{oid[2:]}"
+    tampered = bytes([original[0] ^ 1]) + original[1:]  # one bit, same size
+    assert client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == original
+    client.put_object(Bucket=BUCKET, Key=key, Body=tampered)
+
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / "out")
+    result = subprocess.run([sys.executable, "-m", "dvc", "pull"], cwd=repo, env=aws_env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0, f"dvc pull took a tampered object:\n{result.stdout}\n{result.stderr}"
+    assert "Checkout failed" in result.stderr and ("out/parts" if in_dir else target) in result.stderr
+    assert not (repo / target).exists() or (repo / target).read_bytes() != tampered
+    assert not (repo / ".dvc/cache/files/md5" / oid[:2] / oid[2:]).exists()  # dropped, not kept as if it were good
 
 
 def test_endpoint_from_the_environment(tmp_path: Path, s3_endpoint: str, aws_env: dict[str, str]) -> None:

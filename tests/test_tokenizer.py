@@ -6,6 +6,8 @@ and decay near each waypoint, rotation deltas are small and smooth, and the grip
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import re
 from pathlib import Path
 
@@ -157,6 +159,23 @@ def test_save_load_round_trip(trained, test_chunks, tmp_path: Path) -> None:
     tokens = tokenizer.encode(test_chunks)
     assert torch.equal(loaded.encode(test_chunks), tokens)
     assert torch.equal(loaded.decode(tokens), tokenizer.decode(tokens))
+
+
+def test_fingerprint_is_the_checkpoints_sha256_and_tells_tokenizers_apart(trained, tmp_path: Path) -> None:
+    tokenizer, _ = trained
+    path = tmp_path / "tokenizer.pt"
+    tokenizer.save(path)
+    fingerprint = tokenizer.fingerprint()
+    assert re.fullmatch("[0-9a-f]{64}", fingerprint)
+    assert fingerprint == hashlib.sha256(path.read_bytes()).hexdigest()  # `sha256sum models/tokenizer.pt` shows it
+    assert RFSQTokenizer.load(path).fingerprint() == fingerprint  # what the engine computes from the file
+    same_shapes = copy.deepcopy(tokenizer)
+    with torch.no_grad():
+        same_shapes.decoder.shortcut.bias[0] += 1e-6
+    assert same_shapes.fingerprint() != fingerprint
+    other_bounds = RFSQTokenizer(tokenizer.config, tokenizer.action_q01, tokenizer.action_q99 + 1e-3)
+    other_bounds.load_state_dict(tokenizer.state_dict())
+    assert other_bounds.fingerprint() != fingerprint
 
 
 @pytest.mark.parametrize("shape", [(5, 8, 16, 0), (5, 8, 16, 5), (5, 8, 15, 2), (5, 16, 8, 2), (16, 2)])

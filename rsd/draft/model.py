@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsd.draft.config import DraftConfig
-from rsd.io import load_torch, misfit_message, state_dict_problems
+from rsd.io import first_non_finite, load_torch, misfit_message, state_dict_problems
 
 log = logging.getLogger("rsd.draft")
 
@@ -218,6 +218,10 @@ def load_draft(path: str | os.PathLike) -> tuple[RFSQDraftModelWithProjection, d
     problems = state_dict_problems(model, ckpt["model_state_dict"])
     if problems:
         raise ValueError(f"draft checkpoint {path} does not fit its config: " + misfit_message(problems))
+    bad = first_non_finite(ckpt["model_state_dict"])  # a NaN draft still runs: noise proposals, meaningless acceptance
+    if bad:
+        raise ValueError(f"draft checkpoint {path} holds non-finite weights ({bad}); expected finite weights: "
+                         f"retrain it, `dvc repro train`")
     model.load_state_dict(ckpt["model_state_dict"])
     record = {k: ckpt[k] for k in ("epoch", "val_accuracy", "val_accuracies_per_layer", "layer_exact_match")}
     return model.eval(), record

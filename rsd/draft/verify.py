@@ -18,7 +18,7 @@ from rsd.draft.config import DraftConfig
 from rsd.draft.model import (FORMAT_VERSION, REQUIRED_KEYS, RFSQDraftModelWithProjection, num_parameters,
                              state_dict_problems)
 from rsd.contract import CODES_PER_LAYER, LEVELS, NUM_COARSE_LAYERS
-from rsd.io import load_torch
+from rsd.io import first_non_finite, load_torch
 
 CHECKS = ("file_readable", "required_keys", "val_accuracy", "projection_present", "loads_into_fresh_model",
           "output_shape", "finite_logits")
@@ -72,6 +72,9 @@ def _load_check(ckpt: dict[str, Any]) -> tuple[RFSQDraftModelWithProjection | No
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         return None, "state dict does not fit its config: " + "; ".join(problems[:5]) + more
+    bad = first_non_finite(ckpt["model_state_dict"])
+    if bad:
+        return None, f"state dict holds non-finite weights ({bad}), expected finite weights"
     try:
         model.load_state_dict(ckpt["model_state_dict"])
     except RuntimeError as exc:  # e.g. a tensor of the right shape but an impossible dtype
@@ -150,5 +153,6 @@ def verify_checkpoint(path: str | os.PathLike, min_val_accuracy: float,
 def malformed(result: dict[str, Any]) -> str:
     """The failed checks of `verify_checkpoint`'s result other than the accuracy bar, each with why
     (empty when the checkpoint is well formed)."""
-    return "; ".join(f"{name} ({result[name]['detail']})" for name in CHECKS
-                     if not result[name]["passed"] and not result[name].get("below_bar"))
+    return "; ".join(f"{name} ({result[name]['detail']})" for name in CHECKS  # a skipped check says nothing new
+                     if not result[name]["passed"] and not result[name].get("below_bar")
+                     and not result[name]["detail"].startswith("skipped:"))

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, LlamaModel
 
-from rsd.io import load_torch, misfit_message, save_torch, state_dict_problems
+from rsd.io import first_non_finite, load_torch, misfit_message, save_torch, state_dict_problems
 from rsd.policy.config import PAD_ID, PolicyConfig
 
 CHECKPOINT_FORMAT = "rsd-main-policy"
-FORMAT_VERSION = 2  # 2: proprio standardisation statistics in the state dict
+FORMAT_VERSION = 3  # 2: proprio standardisation statistics in the state dict; 3: the tokenizer's fingerprint
 
 Observation = dict[str, Tensor]
 """agentview uint8 [B,h,w,3], wrist uint8 [B,h,w,3], proprio float [B,P], instruction_ids long [B,T],
@@ -92,9 +92,13 @@ class MainPolicy(nn.Module):
     """Observation -> RFSQ tokens [B, 8, 16, L], one residual layer per backbone pass: `prefill`, then `step`
     (or `step_many`) per further layer. The decoding itself (greedy, with or without a draft) is rsd.engine's."""
 
-    def __init__(self, config: PolicyConfig) -> None:
+    def __init__(self, config: PolicyConfig, tokenizer_fingerprint: str | None = None) -> None:
+        """An untrained policy; `tokenizer_fingerprint` is `RFSQTokenizer.fingerprint()` of the tokenizer whose
+        codes it learns (train_policy sets it; None for a policy built in memory, which cannot be saved)."""
         super().__init__()
         self.config = config
+        # not a weight: same shapes are not the same tokenizer, and a policy decodes only the one it learnt
+        self.tokenizer_fingerprint = tokenizer_fingerprint
         hidden, codes, levels = config.backbone.hidden_size, config.codes_per_layer, config.levels
         self.camera_encoder = CameraEncoder(config)
         self.proprio_encoder = nn.Sequential(nn.Linear(config.proprio_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
@@ -226,17 +230,31 @@ class MainPolicy(nn.Module):
     # ---- checkpoints ----------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Config (with vocabulary) + weights, written atomically."""
+        """Config (with vocabulary) + weights + the tokenizer's fingerprint, written atomically."""
+        if not _is_fingerprint(self.tokenizer_fingerprint):
+            raise ValueError(f"cannot save the main policy to {path}: it records no tokenizer (tokenizer_fingerprint="
+                             f"{self.tokenizer_fingerprint!r}); set it to RFSQTokenizer.fingerprint() of the tokenizer "
+                             f"it was trained on, as train_policy does")
         save_torch(path, {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION,
-                          "config": self.config.to_dict(), "state_dict": self.state_dict()})
+                          "config": self.config.to_dict(), "state_dict": self.state_dict(),
+                          "tokenizer_fingerprint": self.tokenizer_fingerprint})
 
     @classmethod
     def load(cls, path: str | os.PathLike, config: PolicyConfig | None = None) -> MainPolicy:
         """Rebuild the policy a checkpoint describes; with `config`, refuse a checkpoint saved with another one."""
         ckpt = load_torch(path, "main policy")
-        if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("format_version") != FORMAT_VERSION:
+        version = ckpt.get("format_version")
+        if ckpt.get("format") == CHECKPOINT_FORMAT and isinstance(version, int) and version < FORMAT_VERSION:
+            raise ValueError(f"main policy checkpoint {path} is of format v{version}, from before a policy recorded "
+                             f"the tokenizer it was trained on; this code reads v{FORMAT_VERSION}: retrain it, "
+                             f"`dvc repro policy`")
+        if ckpt.get("format") != CHECKPOINT_FORMAT or version != FORMAT_VERSION:
             raise ValueError(f"{path} is not a main policy checkpoint of format {CHECKPOINT_FORMAT!r} v{FORMAT_VERSION} "
-                             f"(found {ckpt.get('format')!r} v{ckpt.get('format_version')})")
+                             f"(found {ckpt.get('format')!r} v{version})")
+        fingerprint = ckpt.get("tokenizer_fingerprint")
+        if not _is_fingerprint(fingerprint):
+            raise ValueError(f"main policy checkpoint {path} has tokenizer_fingerprint={fingerprint!r}, expected the "
+                             f"sha256 (64 hex digits) of the tokenizer it was trained on: retrain it, `dvc repro policy`")
         try:
             saved = PolicyConfig.from_dict(ckpt["config"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -244,9 +262,18 @@ class MainPolicy(nn.Module):
         if config is not None and config != saved:
             raise ValueError(f"main policy checkpoint {path} was saved with another config (expected vs saved): "
                              + "; ".join(config.differences(saved)))
-        model = cls(saved)
+        model = cls(saved, fingerprint)
         problems = state_dict_problems(model, ckpt.get("state_dict", {}))
         if problems:
             raise ValueError(f"main policy checkpoint {path} does not fit its config: " + misfit_message(problems))
+        bad = first_non_finite(ckpt["state_dict"])  # NaN weights still decode, to codes that mean nothing
+        if bad:
+            raise ValueError(f"main policy checkpoint {path} holds non-finite weights ({bad}); expected finite "
+                             f"weights: retrain it, `dvc repro policy`")
         model.load_state_dict(ckpt["state_dict"])
         return model
+
+
+def _is_fingerprint(value: object) -> bool:
+    """A tokenizer fingerprint: a sha256 as 64 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)

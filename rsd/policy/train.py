@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 import numpy as np
@@ -32,9 +32,10 @@ class PolicyTrainConfig(Config):
 
     prefix: ClassVar[str] = "policy"
 
-    model: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any]
     """The main policy's architecture: PolicyConfig fields (a nested `backbone` for BackboneConfig's)
-    other than vocab, num_layers and levels, which come from the demos and the tokenizer."""
+    other than vocab, num_layers and levels, which come from the demos and the tokenizer. Required: a
+    params file without it would silently train the defaults' (another) architecture."""
     epochs: int = 10
     """Passes over the training samples (one sample per demo step)."""
     batch_size: int = 64
@@ -194,7 +195,7 @@ def train_policy(tasks: list[TaskDemos], tokenizer: RFSQTokenizer, config: Polic
         torch.manual_seed(config.seed)
         policy_config = config.policy_config(build_vocab([t.instruction for t in tasks]), tokenizer.config.num_layers,
                                              tokenizer.config.levels)
-        policy = MainPolicy(policy_config)
+        policy = MainPolicy(policy_config, tokenizer.fingerprint())  # the checkpoint records which tokenizer it learnt
         layer_weights = None
         if config.layer_weights is not None:
             if len(config.layer_weights) != policy_config.num_layers:

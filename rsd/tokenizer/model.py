@@ -7,8 +7,12 @@ maps any such prefix back to a chunk; it is trained on every prefix so that it d
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import io
 import os
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from vector_quantize_pytorch import ResidualFSQ
 
-from rsd.io import load_torch, save_torch
+from rsd.io import first_non_finite, load_torch, save_torch
 from rsd.tokenizer.config import TokenizerConfig
 
 CHECKPOINT_KIND = "rsd.rfsq_tokenizer"  # tells a tokenizer checkpoint from the pipeline's other ones
@@ -150,20 +154,34 @@ class RFSQTokenizer(nn.Module):
 
     # --- checkpoints -------------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write a self-contained checkpoint (config, weights, normalization bounds), atomically."""
-        save_torch(path, {
+    def checkpoint(self) -> dict[str, Any]:
+        """What `save` writes: kind, format, config, weights and normalization bounds."""
+        return {
             "kind": CHECKPOINT_KIND,
             "format_version": FORMAT_VERSION,
             "config": asdict(self.config),
             "state_dict": self.state_dict(),
             "action_q01": self.action_q01.tolist(),
             "action_q99": self.action_q99.tolist(),
-        })
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a self-contained checkpoint (config, weights, normalization bounds), atomically."""
+        save_torch(path, self.checkpoint())
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of everything that defines this tokenizer: the bytes `save` writes for it, which are
+        byte-reproducible, so this is also the sha256 of its checkpoint file. A main policy records the one
+        it was trained with: another tokenizer of the same shapes codes actions differently."""
+        on_cpu = all(t.device.type == "cpu" for t in self.state_dict().values())
+        tokenizer = self if on_cpu else copy.deepcopy(self).cpu()  # torch.save records each tensor's device
+        buffer = io.BytesIO()
+        torch.save(tokenizer.checkpoint(), buffer)
+        return hashlib.sha256(buffer.getvalue()).hexdigest()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RFSQTokenizer:
-        """Rebuild a tokenizer from `save`'s checkpoint; any missing, corrupt or foreign file is a clear error."""
+        """Rebuild a tokenizer from `save`'s checkpoint; any missing, corrupt, foreign or non-finite file is a clear error."""
         ckpt = load_torch(path, "RFSQ tokenizer")  # FileNotFoundError / ValueError naming the file
         if ckpt.get("kind") != CHECKPOINT_KIND:
             raise ValueError(f"{path} is not an RFSQ tokenizer checkpoint (kind={ckpt.get('kind')!r}, "
@@ -176,4 +194,10 @@ class RFSQTokenizer(nn.Module):
             tokenizer.load_state_dict(ckpt["state_dict"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ValueError(f"RFSQ tokenizer checkpoint {path} is malformed ({type(exc).__name__}: {exc})") from exc
+        # a tokenizer that trained into NaN loads and decodes every code to NaN actions: refused here instead
+        bad = first_non_finite({**ckpt["state_dict"], "action_q01": tokenizer.action_q01,
+                                "action_q99": tokenizer.action_q99})
+        if bad:
+            raise ValueError(f"RFSQ tokenizer checkpoint {path} holds non-finite values ({bad}); expected finite "
+                             f"weights and bounds: retrain it, `dvc repro tokenizer`")
         return tokenizer.eval()
