@@ -34,3 +34,16 @@ def s3_endpoint() -> Iterator[str]:
         yield endpoint
     finally:
         server.stop()
+
+
+class FakeLive:
+    """Records what training sends to DVCLive."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = [{}]
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.steps[-1][name] = value
+
+    def next_step(self) -> None:
+        self.steps.append({})

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FakeLive
 from rsd.draft.config import DraftConfig, DraftTrainConfig, VerifyConfig
 from rsd.draft.model import REQUIRED_KEYS, RFSQDraftModelWithProjection, load_draft, num_parameters
 from rsd.draft.samples import DraftSamples
@@ -50,19 +51,6 @@ def synthetic_tensors(num_tasks: int, episodes_per_task: int, steps: int, seed: 
 def synthetic_samples(seed: int = 0) -> DraftSamples:
     return DraftSamples(**synthetic_tensors(num_tasks=4, episodes_per_task=5, steps=16, seed=seed),
                         task_names=[f"task {i}" for i in range(4)])
-
-
-class FakeLive:
-    """Records what training sends to DVCLive."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, float]] = [{}]
-
-    def log_metric(self, name: str, value: float) -> None:
-        self.steps[-1][name] = value
-
-    def next_step(self) -> None:
-        self.steps.append({})
 
 
 class Capture(logging.Handler):

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import FakeLive
 from rsd.policy.config import BackboneConfig, PolicyConfig, build_vocab
 from rsd.policy.model import MainPolicy
 from rsd.policy.config import UNK_ID
@@ -307,19 +308,6 @@ def test_bad_train_config_names_the_param(changes: dict, message: str) -> None:
 
     with pytest.raises(ValueError, match=re.escape(message)):
         PolicyTrainConfig(**{"model": {}, **changes})
-
-
-class FakeLive:
-    """Records what training sends to DVCLive."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, float]] = [{}]
-
-    def log_metric(self, name: str, value: float) -> None:
-        self.steps[-1][name] = value
-
-    def next_step(self) -> None:
-        self.steps.append({})
 
 
 def tiny_tasks() -> list:
