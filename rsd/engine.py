@@ -82,12 +82,13 @@ class RSDEngine:
     """`predict(inputs) -> Prediction` for one observation (LiberoEnv.model_inputs)."""
 
     def __init__(self, policy: MainPolicy, tokenizer: RFSQTokenizer, draft: RFSQDraftModelWithProjection | None = None,
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None, names: tuple[str, str] = ("the main policy", "the tokenizer")) -> None:
+        """`names`: how an error names the policy and the tokenizer (`load_engine` gives their files)."""
         self.config = config or EngineConfig()
         if self.config.mode != "none" and draft is None:
             raise ValueError(f"engine mode {self.config.mode!r} needs a draft model")
         policy.config.check_tokenizer(tokenizer.config.num_layers, tokenizer.config.levels)
-        check_tokenizer_pair(policy, tokenizer)
+        check_tokenizer_pair(policy, tokenizer, *names)
         if draft is not None:
             hidden = policy.config.backbone.hidden_size
             if draft.config.input_dim != hidden:
@@ -224,14 +225,13 @@ def load_engine(policy_path: str, tokenizer_path: str, draft_path: str | None, c
     """Build an engine from checkpoints (a picklable factory for the evaluator's worker processes)."""
     policy = MainPolicy.load(policy_path).to(device)
     tokenizer = RFSQTokenizer.load(tokenizer_path)
-    check_tokenizer_pair(policy, tokenizer, f"main policy {policy_path}", tokenizer_path)  # with the files' names
     draft = None
     if draft_path is not None and config.mode != "none":
         draft, record = load_draft(draft_path)
         draft = draft.to(device)
         log.info("Draft Model loaded (val_acc: %.3f), projection layer included: %s", record["val_accuracy"],
                  "input_projection.weight" in draft.state_dict())
-    engine = RSDEngine(policy, tokenizer, draft, config)
+    engine = RSDEngine(policy, tokenizer, draft, config, names=(f"main policy {policy_path}", tokenizer_path))
     log.info("RSD Inference Engine created - hidden size: %d, draft hidden size: %s, mode: %s",
              policy.config.backbone.hidden_size, draft.config.hidden_dim if draft else "-", config.mode)
     return engine
