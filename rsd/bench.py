@@ -2,7 +2,8 @@
 
 1. **Record** (rsd.recording, in LIBERO). The main policy (no draft) runs closed loop from fresh
    placements; the observation of every policy call is kept, then thinned evenly across the tasks.
-   Everything below needs no simulator, only the observations.
+   Everything below needs no simulator, only the observations: the stage writes them to a file
+   (`save_observations`), so `rsd bench --observations FILE` times the checkpoints on another machine.
 2. **Time.** In one process, after `warmup` untimed calls of each engine, every observation goes
    through every engine `repetitions` times. The engines take turns, and the order rotates from one
    observation (and repetition) to the next, so a slow spell of the machine hits them alike. Besides
@@ -25,6 +26,7 @@ exactness for speed: its token mismatches and its mean action deviation from no-
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -36,10 +38,13 @@ from torch import Tensor, nn
 
 from rsd.config import Config
 from rsd.contract import CHUNK_LEN
-from rsd.draft.model import RFSQDraftModelWithProjection, proposer
-from rsd.engine import MODES, Prediction, RSDEngine
+from rsd.draft.model import RFSQDraftModelWithProjection, load_draft, proposer
+from rsd.engine import MODES, EngineConfig, Prediction, RSDEngine
+from rsd.io import atomic_path
+from rsd.policy.model import MainPolicy
 from rsd.progress import Progress
 from rsd.sim.suite import TASKS_EXPECTED, are_task_indices, task_indices
+from rsd.tokenizer.model import RFSQTokenizer
 
 log = logging.getLogger("rsd.bench")
 
@@ -62,7 +67,7 @@ class BenchConfig(Config):
     warmup: int = 10
     """Untimed calls of each engine before timing (allocator, caches, lazy initialisation)."""
     threads: int = 1
-    """torch CPU threads while timing (1: what each evaluation worker uses)."""
+    """torch CPU threads while timing (1: what each evaluation worker uses; on a GPU, the host side's)."""
     workers: int = 2
     """Simulator processes while recording."""
     near_tie_margin: float = 1e-4
@@ -79,6 +84,44 @@ class BenchConfig(Config):
     @property
     def task_indices(self) -> list[int]:
         return task_indices(self.tasks, f"{self.prefix}.tasks")
+
+
+# ---- 1. the recorded observations, as a file -----------------------------------------------------------
+
+OBSERVATION_ARRAYS = {"agentview": np.uint8, "wrist": np.uint8, "proprio": np.float32}
+"""The arrays of one policy input (`LiberoEnv.model_inputs`) besides its instruction, and their dtypes."""
+
+
+def save_observations(path: str | os.PathLike, observations: list[dict[str, Any]]) -> None:
+    """Policy inputs -> one compressed .npz (arrays stacked, instructions as strings), written atomically.
+    Plain arrays only: it loads without unpickling anything."""
+    if not observations:
+        raise ValueError(f"no observations to write to {path}")
+    arrays = {k: np.stack([np.asarray(o[k], dtype=dtype) for o in observations]) for k, dtype in OBSERVATION_ARRAYS.items()}
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        np.savez_compressed(file, instruction=np.array([o["instruction"] for o in observations]), **arrays)
+
+
+def load_observations(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """What `save_observations` wrote -> the policy inputs; anything else is a clear error naming the file."""
+    expected = f"an observations file written by the bench stage (arrays {', '.join(['instruction', *OBSERVATION_ARRAYS])})"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in ("instruction", *OBSERVATION_ARRAYS)}
+    except (OSError, ValueError, KeyError) as exc:  # not an npz, pickled objects, a missing array
+        raise ValueError(f"{path} is not {expected}: {exc}") from exc
+    instructions = arrays["instruction"]
+    n = len(instructions)
+    problems = [f"{k} is {arrays[k].dtype} of shape {arrays[k].shape}, expected {np.dtype(dtype)} of length {n}"
+                for k, dtype in OBSERVATION_ARRAYS.items() if arrays[k].dtype != dtype or len(arrays[k]) != n]
+    if instructions.dtype.kind != "U" or n == 0:
+        problems.insert(0, f"instruction is {instructions.dtype} of shape {instructions.shape}, expected strings")
+    if problems:
+        raise ValueError(f"{path} is not {expected}: {'; '.join(problems)}")
+    if not np.isfinite(arrays["proprio"]).all():
+        raise ValueError(f"{path}: proprio holds non-finite values")
+    return [{"agentview": arrays["agentview"][i], "wrist": arrays["wrist"][i], "proprio": arrays["proprio"][i],
+             "instruction": str(arrays["instruction"][i])} for i in range(n)]
 
 
 # ---- 2. time ---------------------------------------------------------------------------------------
@@ -194,6 +237,27 @@ def explain_difference(engine: RSDEngine, inputs: dict[str, Any], tokens: Tensor
     return layer, float(gaps.max())
 
 
+def token_differences(reference: RSDEngine, observations: list[dict[str, Any]], tokens: list[Tensor], margin: float,
+                      expected: list[Tensor] | None = None) -> tuple[int, int, list[int]]:
+    """How many of `tokens` (one [8, 16, L] per observation) differ from `reference`'s no-draft decoding (or from
+    `expected`, its tokens already decoded), how many of those are near-ties (see `explain_difference`), and the
+    first differing layer of each near-tie."""
+    mismatches, near_ties, tie_layers = 0, 0, []
+    for i, (inputs, found) in enumerate(zip(observations, tokens)):
+        if expected is not None and torch.equal(expected[i], found):
+            continue
+        where = explain_difference(reference, inputs, found, margin)
+        if where is None:
+            continue
+        mismatches += 1
+        if where[1] < margin:
+            near_ties += 1
+            tie_layers.append(where[0])
+        else:
+            log.warning("tokens differ from no-draft decoding beyond a near-tie (layer, margin): %s", where)
+    return mismatches, near_ties, tie_layers
+
+
 def _percentile(values: list[float] | np.ndarray, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
@@ -255,8 +319,7 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
         raise ValueError("benchmark needs at least one observation")
     device = engines["none"].device
     threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(config.threads)  # on a GPU too: the host side (inputs, the tokenizer's decode) is tiny work
     start = time.monotonic()
     try:
         plain_tokens = [engines["none"].predict(inputs).tokens for inputs in observations]
@@ -267,17 +330,8 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
     plain = timed["none"]
     summaries = {mode: _mode_summary(timed[mode], plain) for mode in ("strict", "relaxed", "perfect")}
 
-    mismatches, near_ties, tie_layers = 0, 0, []
-    for inputs, p, s in zip(observations, plain.first, timed["strict"].first):
-        if torch.equal(p.tokens, s.tokens):
-            continue
-        mismatches += 1
-        where = explain_difference(engines["none"], inputs, s.tokens, config.near_tie_margin)
-        if where is not None and where[1] < config.near_tie_margin:
-            near_ties += 1
-            tie_layers.append(where[0])
-        else:
-            log.warning("strict tokens differ from no-draft beyond a near-tie (layer, margin): %s", where)
+    mismatches, near_ties, tie_layers = token_differences(engines["none"], observations, [s.tokens for s in timed["strict"].first],
+                                                          config.near_tie_margin, [p.tokens for p in plain.first])
     summaries["strict"].update(action_mismatches=mismatches, near_ties=near_ties)
     deviation = [np.abs(r.chunk - p.chunk) for p, r in zip(plain.first, timed["relaxed"].first)]
     summaries["relaxed"].update(
@@ -314,7 +368,7 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
         "observations": len(observations),
         "repetitions": config.repetitions,
         "warmup": config.warmup,
-        "threads": config.threads if device.type == "cpu" else None,
+        "threads": config.threads,
         "torch_device": str(device),
         "timing_seconds": round(time.monotonic() - start, 1),
     }
@@ -328,3 +382,31 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
              result["speedup_perfect_draft"])
     return result
 
+
+
+def time_checkpoints(policy_path: str, tokenizer_path: str, draft_path: str, observations: list[dict[str, Any]],
+                     config: BenchConfig, engine_configs: dict[str, EngineConfig], device: str,
+                     compile: bool) -> dict[str, Any]:
+    """`benchmark` of the checkpoints on recorded observations, eager and (with `compile`) on the compiled path
+    (rsd.compiled), one after the other in one process; with both, how the compiled no-draft tokens compare."""
+    from rsd.compiled import compiled_engines
+
+    policy = MainPolicy.load(policy_path).to(device)
+    tokenizer = RFSQTokenizer.load(tokenizer_path)
+    draft = load_draft(draft_path)[0].to(device)
+    names = (f"main policy {policy_path}", tokenizer_path)
+    eager = {mode: RSDEngine(policy, tokenizer, None if mode == "none" else draft, engine_configs[mode], names)
+             for mode in MODES}
+    result: dict[str, Any] = {"device": device_name(device), "torch": torch.__version__,
+                              "observations": len(observations), "eager": benchmark(eager, observations, config)}
+    if compile:
+        start = time.monotonic()
+        words = max(len(policy.config.encode_instruction(o["instruction"])) for o in observations)
+        compiled = compiled_engines(eager, max_words=words)
+        result["compiled"] = benchmark(compiled, observations, config)  # its warm-up compiles and captures
+        result["compiled"]["wall_seconds"] = round(time.monotonic() - start, 1)
+        tokens = [compiled["none"].predict(o).tokens for o in observations]
+        mismatches, near_ties, _ = token_differences(eager["none"], observations, tokens, config.near_tie_margin)
+        result["compiled_vs_eager"] = {"token_mismatches": mismatches, "near_ties": near_ties,
+                                       "speedup_no_draft": _r(result["eager"]["no_draft_ms"] / result["compiled"]["no_draft_ms"])}
+    return result

@@ -1,4 +1,4 @@
-"""The `rsd` command: the tools around the pipeline (`rsd doctor`, `rsd profile`).
+"""The `rsd` command: the tools around the pipeline (`rsd doctor`, `rsd profile`, `rsd bench`).
 
 The stages themselves run through DVC (`dvc repro STAGE`), or by hand with the command line dvc.yaml
 gives them (`dvc stage list` shows the stages; each `python stages/NAME.py --help` its arguments).
@@ -58,6 +58,53 @@ def profile(
     for key, old, new in changes:
         typer.echo(f"{key}: {old} -> {new}")
     typer.echo(f"{params}: profile {name} applied ({len(changes)} value(s) changed)")
+
+
+@app.command()
+def bench(
+    observations: Path = typer.Option(..., "--observations", help="recorded policy inputs: the bench stage's "
+                                      "data/bench_observations.npz"),
+    policy: Path = typer.Option(Path("models/policy.pt"), "--policy", help="main policy checkpoint"),
+    tokenizer: Path = typer.Option(Path("models/tokenizer.pt"), "--tokenizer", help="RFSQ tokenizer checkpoint"),
+    draft: Path = typer.Option(Path("models/draft.pt"), "--draft", help="draft checkpoint"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="also time the compiled path (static KV "
+                                 "cache; CUDA graphs on a GPU), and compare its tokens with eager decoding's"),
+    out: Path = typer.Option(Path("metrics/bench_gpu.json"), "--out", help="JSON result"),
+    params: Path = ParamsOption,
+) -> None:
+    """Time the checkpoints on recorded observations, without LIBERO: no draft, strict, relaxed and a perfect
+    draft, interleaved as the bench stage does (params `bench`; the relaxed tolerance and draft precision from
+    `eval`)."""
+    import torch
+
+    from rsd.bench import BenchConfig, load_observations, time_checkpoints
+    from rsd.engine import MODES, EngineConfig
+    from rsd.io import write_json
+    from rsd.params import load_params, section
+
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise typer.BadParameter(f"expected cpu or cuda (with a CUDA GPU torch can see), got {device!r}", param_hint="--device")
+    for name, path in (("--observations", observations), ("--policy", policy), ("--tokenizer", tokenizer), ("--draft", draft)):
+        if not path.is_file():
+            raise typer.BadParameter(f"{path} is not a file", param_hint=name)
+    try:
+        values = load_params(params)
+        config = section(values, "bench", BenchConfig)
+        evaluation = values.get("eval") or {}
+        engines = {mode: EngineConfig(mode=mode, **{k: evaluation[k] for k in ("tolerance", "draft_precision") if k in evaluation})
+                   for mode in MODES}
+        inputs = load_observations(observations)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    result = time_checkpoints(str(policy), str(tokenizer), str(draft), inputs, config, engines, device, compile)
+    write_json(out, result)
+    for path_name in ("eager", "compiled"):
+        if path_name in result:
+            r = result[path_name]
+            typer.echo(f"{path_name}: no draft {r['no_draft_ms']:.2f} ms, strict x{r['speedup']:.3f}, relaxed "
+                       f"x{r['relaxed']['speedup']:.3f}, perfect draft x{r['speedup_perfect_draft']:.3f}")
+    typer.echo(f"{out}: written ({result['device']})")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from torch import Tensor
 from rsd.config import Config
 from rsd.contract import CHUNK_LEN, CODES_PER_LAYER, LATENT_DIM
 from rsd.draft.model import RFSQDraftModelWithProjection, in_precision, load_draft, proposer
+from rsd.hardware import native_bf16
 from rsd.policy.model import MainPolicy, PolicyCache
 from rsd.tokenizer.model import RFSQTokenizer
 
@@ -59,13 +60,22 @@ class EngineConfig(Config):
     tolerance: int = 1
     """relaxed only: a draft code is accepted when it is within this many levels of main's."""
     draft_precision: str = "fp32"
-    """`fp32` or `bf16`: the precision the draft model runs in. bf16 halves its time on a CPU with
-    AVX512-BF16 (and on a GPU); main checks every proposal, so strict decoding stays exact either way."""
+    """`fp32`, `bf16`, or `auto` (bf16 where it runs natively, rsd.hardware): the precision the draft model
+    runs in. bf16 halves its time on a CPU with AVX512-BF16 (and on a GPU) and doubles it on one without;
+    main checks every proposal, so strict decoding stays exact either way."""
 
     def validate(self) -> None:
         self.check(self.mode in MODES, "mode", f"one of {', '.join(MODES)}")
         self.check(self.tolerance >= 0, "tolerance", "a non-negative int")
-        self.check(self.draft_precision in DRAFT_DTYPES, "draft_precision", f"one of {', '.join(DRAFT_DTYPES)}")
+        self.check(self.draft_precision in ("auto", *DRAFT_DTYPES), "draft_precision",
+                   f"one of auto, {', '.join(DRAFT_DTYPES)}")
+
+    def draft_dtype(self, device_type: str) -> torch.dtype:
+        """The draft's dtype on a `device_type` device."""
+        precision = self.draft_precision
+        if precision == "auto":
+            precision = "bf16" if native_bf16(device_type) else "fp32"
+        return DRAFT_DTYPES[precision]
 
 
 @dataclass
@@ -97,9 +107,10 @@ class RSDEngine:
                 raise ValueError(f"the draft proposes {draft.config.num_coarse_layers} layers; the policy has only {policy.config.num_layers}")
             if draft.config.num_coarse_layers < 2:
                 raise ValueError("the draft must propose at least 2 layers (layer 0 is main's own, from the prefill)")
-            draft = in_precision(draft, DRAFT_DTYPES[self.config.draft_precision])
-        self.policy, self.tokenizer, self.draft = policy.eval(), tokenizer.eval(), draft
         self.device = next(policy.parameters()).device
+        if draft is not None:
+            draft = in_precision(draft, self.config.draft_dtype(self.device.type))
+        self.policy, self.tokenizer, self.draft = policy.eval(), tokenizer.eval(), draft
         self._propose: Callable[[Tensor], Tensor] | None = None
         self._proposal_shape: tuple[int, ...] | str = "-"  # for the debug line: [1, K, 128] per call
         if draft is not None and self.config.mode != "none":

@@ -45,9 +45,9 @@ class EvalConfig(Config):
     """Parallel simulator processes, each with its own copy of the agent."""
     tolerance: int = 1
     """Relaxed acceptance (the draft_relaxed variant): levels a draft code may differ from main's."""
-    draft_precision: str = "bf16"
-    """The draft model's precision in the draft variants (`fp32` or `bf16`); main checks its proposals, so
-    strict decoding stays exact either way."""
+    draft_precision: str = "auto"
+    """The draft model's precision in the draft variants (`fp32`, `bf16`, or `auto`: bf16 where it runs
+    natively); main checks its proposals, so strict decoding stays exact either way."""
 
     def validate(self) -> None:
         self.check(1 <= self.init_states <= 50, "init_states", "in 1..50 (LIBERO's init states per task)")

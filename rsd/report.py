@@ -3,7 +3,8 @@
 Inputs (all required; a missing one is an error naming it and the stage that writes it):
 metrics/{demos,policy,collect,train,verify,eval_no_draft,eval_draft,eval_draft_relaxed,bench}.json and the DVCLive
 curves of the main policy and the draft (dvclive/<name>/plots/metrics/**.tsv). Optional:
-metrics/bench_7b.json (scripts/bench_7b.py, run on a GPU) adds the section at OpenVLA's scale.
+metrics/bench_7b.json (scripts/bench_7b.py, run on a GPU) adds the section at OpenVLA's scale, and
+metrics/bench_gpu.json (`rsd bench --observations ... --device cuda`) the trained checkpoints on a GPU.
 
 Outputs: report.md (comparison table, per-task success, training summary, conclusion checklist) and
 three PNGs: training_curves.png, per_task_success.png, latency_breakdown.png.
@@ -32,8 +33,9 @@ SOURCES = {
     "bench": "bench",
 }
 """metrics/<name>.json the report reads -> the stage that writes it."""
-OPTIONAL_SOURCES = ("bench_7b",)
-"""metrics/<name>.json read when present: results made outside the pipeline (scripts/bench_7b.py, on a GPU)."""
+OPTIONAL_SOURCES = ("bench_7b", "bench_gpu")
+"""metrics/<name>.json read when present: results made outside the pipeline, on a GPU (scripts/bench_7b.py,
+`rsd bench`)."""
 CURVES = ("policy", "draft")
 """DVCLive runs whose curves are plotted."""
 PLOTS = ("training_curves.png", "per_task_success.png", "latency_breakdown.png")
@@ -310,9 +312,9 @@ def render(m: Metrics, config: ReportConfig, checks: dict[str, tuple[str, bool]]
 
 
 def _at_scale(m: Metrics, config: ReportConfig) -> list[str]:
-    """The section on metrics/bench_7b.json; none without that file."""
+    """The sections on metrics/bench_7b.json and metrics/bench_gpu.json; none without those files."""
     if "bench_7b" not in m.data:
-        return []
+        return _trained_on_gpu(m)
     s = m.data["bench_7b"]
     by_kept = " / ".join(f"{v:.2f}×" for v in s["speedup_by_accepted_layers"].values())
     share = " / ".join(f"{v:g}" for v in s["accepted_share"])
@@ -337,6 +339,48 @@ def _at_scale(m: Metrics, config: ReportConfig) -> list[str]:
         "",
         f"Speedup by draft layers kept (0 / 1 / 2): {by_kept}; the draft model takes {s['draft_model_ms']:.2f} ms.",
         "",
+        *_passes_7b(s),
+        *_trained_on_gpu(m),
+    ]
+
+
+def _passes_7b(s: dict[str, Any]) -> list[str]:
+    """The main policy's passes at the 7B shape against the floor of reading its weights once."""
+    if "one_position_pass_ms" not in s:
+        return []
+    path = "compiled (static KV cache, CUDA graphs)" if s.get("compiled") else "eager"
+    return [f"Main policy passes, {path}: prefill {s['prefill_ms']:.2f} ms, one position {s['one_position_pass_ms']:.2f} "
+            f"ms, the {len(s['ms_by_accepted_layers'])}-position verify pass {s['verify_pass_ms']:.2f} ms; the floor, "
+            f"{s['weights_gb']:.1f} GB of weights at the {s['copy_bandwidth_gbs']:.0f} GB/s copy bandwidth measured "
+            f"there, is {s['pass_floor_ms']:.2f} ms a pass.", ""]
+
+
+def _trained_on_gpu(m: Metrics) -> list[str]:
+    """The trained checkpoints on recorded observations on a GPU (metrics/bench_gpu.json), eager and compiled."""
+    if "bench_gpu" not in m.data:
+        return []
+    g = m.data["bench_gpu"]
+    rows = []
+    for path in ("eager", "compiled"):
+        if path in g:
+            r = g[path]
+            rows.append(f"| {path} | {r['no_draft_ms']:.2f} | {r['draft_ms']:.2f} ({r['speedup']:.2f}×) | "
+                        f"{r['relaxed']['draft_ms']:.2f} ({r['relaxed']['speedup']:.2f}×) | "
+                        f"{r['perfect']['draft_ms']:.2f} ({r['perfect']['speedup']:.2f}×) |")
+    same = g.get("compiled_vs_eager")
+    return [
+        "## The trained checkpoints on a GPU",
+        "",
+        f"On {g['device']}, the {g['observations']} observations the bench stage recorded "
+        f"(`rsd bench --observations`), ms per call (speedup against no draft on the same path):",
+        "",
+        "| Path | No draft | Strict | Relaxed | Perfect draft |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        *([f"Compiled no-draft tokens differ from eager on {same['token_mismatches']} observations "
+           f"({same['near_ties']} of them near-ties); compiled no-draft is {same['speedup_no_draft']:.2f}× eager.", ""]
+          if same else []),
     ]
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from rsd.config import Config
+from rsd.hardware import native_bf16
 from rsd.progress import Progress
 
 Batch = TypeVar("Batch")
@@ -94,7 +95,8 @@ class LoopConfig(Config):
     clip_grad_norm: float | None = None
     """Largest gradient norm before each step (None: no clipping)."""
     precision: str = "fp32"
-    """`bf16`: the loss function runs under bfloat16 autocast, weights and optimizer stay float32; `fp32`."""
+    """`bf16`: the loss function runs under bfloat16 autocast, weights and optimizer stay float32; `fp32`;
+    `auto`: bf16 where it runs natively (`native_bf16`), else fp32."""
     device_type: str = "cpu"
     """Device type of the autocast (`cpu`, `cuda`): where the model is."""
     best_metric: str | None = None
@@ -105,11 +107,22 @@ class LoopConfig(Config):
 
     def validate(self) -> None:
         self.check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(map(repr, LR_SCHEDULES)))
-        self.check(self.precision in ("bf16", "fp32"), "precision", "'bf16' or 'fp32'")
+        self.check(self.precision in PRECISIONS, "precision", PRECISIONS_EXPECTED)
 
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS_EXPECTED = "'auto', 'bf16' or 'fp32'"
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """`auto` -> `bf16` where it runs natively, else `fp32`; `bf16` and `fp32` as they are."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device_type) else "fp32"
+    return precision
 
 
 @dataclass
@@ -154,11 +167,13 @@ def train(model: nn.Module, batches: Callable[[int], Iterable[Batch]], loss_fn: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         config.lr_schedule, step, config.total_steps, config.warmup_steps, config.lr_floor))
     kept, best = Kept(config.epochs, {}), -math.inf
+    bf16 = resolve_precision(config.precision, config.device_type) == "bf16"
+    log.info("training in %s (precision: %s)", "bf16 autocast" if bf16 else "fp32", config.precision)
     with Progress(config.total_steps, config.name, enabled=config.progress) as bar:
         for epoch in range(1, config.epochs + 1):
             model.train()
             for batch in batches(epoch):
-                with torch.autocast(config.device_type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                with torch.autocast(config.device_type, dtype=torch.bfloat16, enabled=bf16):
                     loss = loss_fn(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -12,9 +12,15 @@ so the draft's proposals are built from main's own codes:
 
 Measured: median ms per call without the draft and for each k, then the mixture given by the share of
 calls with k accepted layers (`--accepted-share`, by default the strict mode's `accepted_layers_share`
-of metrics/bench.json, the LIBERO measurement), drawn per call in a fixed shuffled order.
+of metrics/bench.json, the LIBERO measurement), drawn per call in a fixed shuffled order; the main
+policy's passes alone (prefill, one position, the K-position verify pass) against the floor of reading
+its weights once at the copy bandwidth measured on the same GPU.
 
-    python scripts/bench_7b.py --out metrics/bench_7b.json [--accepted-share 0.3 0.2 0.5]
+`--compile` runs the compiled path (rsd.compiled: static KV cache, CUDA graphs) and also counts the
+observations whose compiled no-draft tokens differ from eager decoding's.
+
+    python scripts/bench_7b.py --compile --out metrics/bench_7b.json [--accepted-share 0.3 0.2 0.5]
+    python scripts/bench_7b.py --out metrics/bench_7b_eager.json
 
 Needs a CUDA GPU with ~16 GB free; runs from the repository root without installing the package.
 """
@@ -36,7 +42,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from rsd.bench import PinnedDraft, perfect_proposal  # noqa: E402
+from rsd.bench import PinnedDraft, explain_difference, perfect_proposal  # noqa: E402
+from rsd.compiled import CompiledDraft, CompiledPolicy  # noqa: E402
 from rsd.draft.model import LeanDraft, RFSQDraftModelWithProjection  # noqa: E402
 from rsd.engine import EngineConfig, RSDEngine  # noqa: E402
 from rsd.policy.config import BackboneConfig, PolicyConfig, build_vocab  # noqa: E402
@@ -66,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vision-grid", type=int, default=None,
                         help="visual tokens per camera side (default: params.yaml; 11 gives OpenVLA's ~256 image tokens)")
     parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for the host side (inputs, the tokenizer's decode): many threads slow tiny work")
+    parser.add_argument("--compile", action="store_true", help="the compiled path: static KV cache and CUDA graphs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dry-run", action="store_true",
                         help="the small default backbone on the CPU in float32: checks the script, measures nothing of note")
@@ -135,6 +145,43 @@ def _peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
 
 
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Device-to-device copy of 2 GiB, bytes read plus written over the median time: the floor's bandwidth."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(2**30, dtype=torch.bfloat16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        _sync()
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync()
+        times.append(time.perf_counter() - start)
+    del src, dst
+    return 2 * 2**31 / float(np.median(times[2:])) / 1e9
+
+
+def pass_ms(policy: MainPolicy | CompiledPolicy, batch: dict[str, Tensor], K: int, repetitions: int) -> dict[str, float]:
+    """Median ms of the main policy's passes alone: the prefill, a one-position pass, the K-position verify pass."""
+    times: dict[str, list[float]] = {"prefill": [], "one_position_pass": [], "verify_pass": []}
+    for _ in range(repetitions + 2):
+        _sync()
+        start = time.perf_counter()
+        _, logits0, cache = policy.prefill(batch)
+        _sync()
+        times["prefill"].append(time.perf_counter() - start)
+        codes = logits0.argmax(-1)
+        for name, fed in (("one_position_pass", codes[:, None]), ("verify_pass", codes[:, None].expand(-1, K, -1))):
+            _sync()
+            start = time.perf_counter()
+            policy.step_many(fed, 0, cache)
+            _sync()
+            times[name].append(time.perf_counter() - start)
+            cache.crop(cache.prompt_length)
+    return {f"{name}_ms": round(float(np.median(t[2:])) * 1e3, 3) for name, t in times.items()}
+
+
 def timed(engine: RSDEngine, inputs: dict[str, Any]) -> tuple[float, Any]:
     _sync()
     start = time.perf_counter()
@@ -152,16 +199,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         raise SystemExit("bench_7b needs a CUDA GPU (or --dry-run)")
     start = time.monotonic()
+    torch.set_num_threads(args.threads)
     policy, tokenizer, draft = build(args, device)
     dtype = next(policy.backbone.parameters()).dtype
     K = draft.config.num_coarse_layers
     share, source = accepted_share(args, K)
     weights_gb = sum(p.numel() * p.element_size() for p in policy.parameters()) / 1e9
-    plain_engine = RSDEngine(policy, tokenizer)
-    pinned_draft = PinnedDraft(draft)
-    spec_engine = RSDEngine(policy, tokenizer, pinned_draft, EngineConfig(mode="strict"))
+    bandwidth = copy_bandwidth_gbs(device)
+    words = max(len(policy.config.encode_instruction(t)) for t in INSTRUCTIONS)
     obs = observations(args.observations, 128, args.seed)
-    prompt = policy.config.num_visual_tokens + 1 + max(len(policy.config.encode_instruction(t)) for t in INSTRUCTIONS) + 1
+    eager = RSDEngine(policy, tokenizer)
+    eager_tokens = [eager.predict(o).tokens for o in obs] if args.compile else None  # what compiling changes
+    compile_start = time.monotonic()
+    main_policy = CompiledPolicy(policy, max_words=words) if args.compile else policy
+    plain_engine = RSDEngine(main_policy, tokenizer)
+    pinned_draft = PinnedDraft(CompiledDraft(draft) if args.compile else draft)
+    spec_engine = RSDEngine(main_policy, tokenizer, pinned_draft, EngineConfig(mode="strict"))
+    prompt = policy.config.num_visual_tokens + 1 + words + 1
 
     # no draft alone first: its peak memory without the draft
     if device.type == "cuda":
@@ -174,8 +228,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # observations whose coarse codes from the multi-position verify pass differ from one-position decoding
     mismatches = sum(not torch.equal(o.flatten(), p.tokens.flatten(0, 1).T[:K].flatten()) for o, p in zip(oracles, plain))
     for i in range(args.warmup):
-        pinned_draft.proposal = pinned(oracles[i % len(obs)], K - 1)
-        spec_engine.predict(obs[i % len(obs)])
+        for k in range(K):  # every k: the compiled path captures its passes on first use
+            pinned_draft.proposal = pinned(oracles[i % len(obs)], k)
+            spec_engine.predict(obs[i % len(obs)])
+    warm_seconds = time.monotonic() - compile_start
+    passes = pass_ms(main_policy, plain_engine._batch(obs[0]), K, args.repetitions * 2)
+    compiled_vs_eager = None
+    if eager_tokens is not None:  # where compiled tokens differ: eager's top-2 margin there (bf16 rounds differently)
+        where = [explain_difference(eager, o, p.tokens, 0.0) for o, p in zip(obs, plain)]
+        differing = [w for w in where if w is not None]
+        compiled_vs_eager = {
+            "observations_differing": len(differing),
+            "codes_differing_share": round(float(np.mean([(e != p.tokens).float().mean().item()
+                                                          for e, p in zip(eager_tokens, plain)])), 5),
+            "largest_eager_margin_at_a_difference": round(max((m for _, m in differing), default=0.0), 5),
+        }
 
     # interleaved timing: per observation and repetition, no draft and every k, order rotating
     variants = ["none", *[f"k{k}" for k in range(K)]]
@@ -221,9 +288,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, MLP 11008), random weights"),
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": args.attn,
+        "compiled": args.compile,
+        "threads": args.threads,
+        "build_and_warmup_seconds": round(warm_seconds, 1),
         "policy_parameters_b": round(sum(p.numel() for p in policy.parameters()) / 1e9, 3),
         "draft_parameters_m": round(sum(p.numel() for p in draft.parameters()) / 1e6, 3),
         "weights_gb": round(weights_gb, 3),
+        "copy_bandwidth_gbs": round(bandwidth, 1),
+        "pass_floor_ms": round(weights_gb / bandwidth * 1e3, 3),
+        **passes,
         "prompt_positions": prompt,
         "accepted_share": share,
         "accepted_share_source": source,
@@ -241,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_memory_gb_draft": round(peak_draft, 3),
         "peak_memory_gib_draft": round(peak_draft * 1e9 / 2**30, 3),
         "verify_pass_code_mismatches": int(mismatches),
+        "compiled_vs_eager": compiled_vs_eager,
         "observations": len(obs),
         "repetitions": args.repetitions,
         "lean_draft": LeanDraft.from_draft(draft) is not None,  # the draft ran through its lean inference form

@@ -1,13 +1,15 @@
 """DVC stage `bench`: real observations recorded with the main policy, then timed through no-draft,
 strict, relaxed and perfect-draft decoding, interleaved, in one process.
 
-    python stages/bench.py POLICY TOKENIZER DRAFT VERIFY_METRICS METRICS
+    python stages/bench.py POLICY TOKENIZER DRAFT VERIFY_METRICS METRICS OBSERVATIONS
+
+OBSERVATIONS gets the recorded policy inputs (`rsd bench --observations` times them elsewhere, e.g. on a GPU).
 """
 import json
 import time
 from functools import partial
 
-from rsd.bench import BenchConfig, benchmark
+from rsd.bench import BenchConfig, benchmark, save_observations
 from rsd.recording import record_observations
 from rsd.engine import MODES, EngineConfig, load_engine
 from rsd.evaluation import EvalConfig
@@ -17,7 +19,7 @@ from rsd.sim.env import SimConfig
 
 
 def main() -> None:
-    args = stage_args(__doc__, "policy", "tokenizer", "draft", "verdict", "metrics")
+    args = stage_args(__doc__, "policy", "tokenizer", "draft", "verdict", "metrics", "observations")
     params = load_params()
     base = section(params, "base", BaseConfig)
     config = section(params, "bench", BenchConfig)
@@ -27,6 +29,7 @@ def main() -> None:
     observations, recorded = record_observations(
         partial(load_engine, str(args.policy), str(args.tokenizer), None, EngineConfig(), device), config,
         section(params, "sim", SimConfig), base.seed)
+    save_observations(args.observations, [o.inputs for o in observations])
     timed = {mode: load_engine(str(args.policy), str(args.tokenizer), None if mode == "none" else str(args.draft),
                                engines.engine_config(mode), device) for mode in MODES}
     metrics = benchmark(timed, [o.inputs for o in observations], config)

@@ -1,11 +1,13 @@
 """The speed benchmark's timing and bookkeeping, on a small random policy and synthetic observations."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from rsd.bench import BenchConfig, benchmark, explain_difference
+from rsd.bench import BenchConfig, benchmark, explain_difference, load_observations, save_observations
 from rsd.recording import _quotas
 from rsd.draft.model import RFSQDraftModelWithProjection
 from rsd.engine import EngineConfig, RSDEngine
@@ -84,3 +86,59 @@ def test_quotas_spread_observations_over_tasks():
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"bench.{field}"):
         BenchConfig(**{field: value})
+
+
+def test_observations_file_round_trip(tmp_path):
+    path = tmp_path / "observations.npz"
+    written = observations(3)
+    save_observations(path, written)
+    read = load_observations(path)
+    assert len(read) == 3
+    for a, b in zip(written, read):
+        assert a["instruction"] == b["instruction"]
+        for key in ("agentview", "wrist", "proprio"):
+            assert b[key].dtype == a[key].dtype and np.array_equal(a[key], b[key])
+
+
+def test_observations_file_refuses_garbage(tmp_path):
+    text = tmp_path / "text.npz"
+    text.write_text("not an archive")
+    with pytest.raises(ValueError, match="text.npz is not an observations file"):
+        load_observations(text)
+    wrong = tmp_path / "wrong.npz"
+    arrays = {k: np.stack([o[k] for o in observations(2)]) for k in ("agentview", "wrist", "proprio")}
+    np.savez(wrong, instruction=np.array([INSTRUCTION] * 2), **{**arrays, "proprio": arrays["proprio"].astype(np.float64)})
+    with pytest.raises(ValueError, match="wrong.npz .*proprio is float64"):
+        load_observations(wrong)
+
+
+def test_rsd_bench_times_checkpoints_from_a_file(tmp_path):
+    """`rsd bench --observations`: the checkpoints and recorded inputs alone, no simulator."""
+    from test_checkpoints import H, save_draft
+    from typer.testing import CliRunner
+
+    from rsd.cli import app
+    from rsd.policy.config import BackboneConfig
+
+    torch.manual_seed(0)
+    RFSQTokenizer(TokenizerConfig(num_layers=4), np.full(7, -1.0), np.full(7, 1.0)).save(tmp_path / "tokenizer.pt")
+    backbone = BackboneConfig(hidden_size=H, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=2, max_position_embeddings=64)
+    config = PolicyConfig(vocab=build_vocab([INSTRUCTION]), max_instruction_words=12, image_size=32,
+                          vision_channels=(8, 16), vision_grid=2, num_layers=4, backbone=backbone)
+    MainPolicy(config, RFSQTokenizer.load(tmp_path / "tokenizer.pt").fingerprint()).save(tmp_path / "policy.pt")
+    save_draft(tmp_path / "draft.pt")
+    save_observations(tmp_path / "obs.npz", observations(3))
+    (tmp_path / "params.yaml").write_text("bench: {repetitions: 2, warmup: 1}\neval: {tolerance: 2}\n")
+    args = ["bench", "--observations", str(tmp_path / "obs.npz"), "--policy", str(tmp_path / "policy.pt"),
+            "--tokenizer", str(tmp_path / "tokenizer.pt"), "--draft", str(tmp_path / "draft.pt"),
+            "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out.json").read_text())
+    eager = metrics["eager"]
+    assert metrics["observations"] == eager["observations"] == 3 and "compiled" not in metrics
+    assert eager["action_mismatches"] == 0 and eager["relaxed"]["tolerance"] == 2 and eager["repetitions"] == 2
+    refused = CliRunner().invoke(app, [*args[:-2], "--out", str(tmp_path / "x.json"), "--device", "tpu"])
+    assert refused.exit_code != 0 and "expected cpu or cuda" in refused.output
+    assert not (tmp_path / "x.json").exists()

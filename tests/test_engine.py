@@ -118,7 +118,7 @@ def test_engine_refuses_mismatched_parts(parts):
         RSDEngine(policy, tokenizer, ScriptedDraft(128, torch.zeros(1, 3, 128, dtype=torch.long)), EngineConfig(mode="strict"))
     with pytest.raises(ValueError, match="eval.mode must be one of none, strict, relaxed, got 'fast'"):
         EngineConfig(mode="fast")
-    with pytest.raises(ValueError, match="eval.draft_precision must be one of fp32, bf16, got 'fp16'"):
+    with pytest.raises(ValueError, match="eval.draft_precision must be one of auto, fp32, bf16, got 'fp16'"):
         EngineConfig(mode="strict", draft_precision="fp16")
     with pytest.raises(ValueError, match="eval.tolerance must be an int, got 1.5"):
         EngineConfig(mode="relaxed", tolerance=1.5)
@@ -152,10 +152,10 @@ def test_eval_params_configure_the_draft_engines():
     config = EvalConfig(tolerance=2, draft_precision="bf16", init_states=6)
     engine = config.engine_config("relaxed")
     assert (engine.mode, engine.tolerance, engine.draft_precision) == ("relaxed", 2, "bf16")
-    assert EvalConfig().engine_config("strict") == EngineConfig(mode="strict", tolerance=1, draft_precision="bf16")
+    assert EvalConfig().engine_config("strict") == EngineConfig(mode="strict", tolerance=1, draft_precision="auto")
     with pytest.raises(ValueError, match="eval.tolerance must be a non-negative int, got -1"):
         EvalConfig(tolerance=-1)
-    with pytest.raises(ValueError, match="eval.draft_precision must be one of fp32, bf16, got 'int8'"):
+    with pytest.raises(ValueError, match="eval.draft_precision must be one of auto, fp32, bf16, got 'int8'"):
         EvalConfig(draft_precision="int8")
     with pytest.raises(ValueError, match="eval.mode must be one of none, strict, relaxed, got 'fast'"):
         EvalConfig().engine_config("fast")

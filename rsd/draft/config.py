@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from rsd.config import Config
 from rsd.contract import CHUNK_LEN, LATENT_DIM, LEVELS, NUM_COARSE_LAYERS
-from rsd.training import LR_SCHEDULES
+from rsd.training import LR_SCHEDULES, PRECISIONS, PRECISIONS_EXPECTED
 
 
 @dataclass
@@ -102,9 +102,10 @@ class DraftTrainConfig(Config):
     val_fraction: float = 0.1
     """Share of EPISODES held out for validation: consecutive calls of one episode see near-identical
     hidden states, so a split by sample would leak validation into training."""
-    precision: str = "bf16"
-    """`bf16`: forward passes under bfloat16 autocast, weights and optimizer in float32 (~1.7x faster on
-    a CPU with AVX512-BF16, or a recent GPU); `fp32`: all in float32."""
+    precision: str = "auto"
+    """`bf16`: forward passes under bfloat16 autocast, weights and optimizer in float32 (~1.7x faster
+    training on a CPU with AVX512-BF16 or AMX, or a GPU; ~12x slower on a CPU without, where torch emulates
+    it); `fp32`: all in float32; `auto`: bf16 where it runs natively, else fp32 (rsd.training.native_bf16)."""
     seed: int = 0
     """Seeds the split, the initialisation, dropout and the batch order: same seed, same checkpoint."""
 
@@ -114,7 +115,7 @@ class DraftTrainConfig(Config):
         self.check(self.lr > 0, "lr", "a number > 0")
         self.check(self.weight_decay >= 0, "weight_decay", "a number >= 0")
         self.check(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)")
-        self.check(self.precision in ("bf16", "fp32"), "precision", "'bf16' or 'fp32'")
+        self.check(self.precision in PRECISIONS, "precision", PRECISIONS_EXPECTED)
         self.check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(map(repr, LR_SCHEDULES)))
         self.draft_config(input_dim=1)  # the real input_dim comes with the samples
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from rsd.draft.config import DraftConfig, DraftTrainConfig
 from rsd.draft.model import FORMAT_VERSION, RFSQDraftModelWithProjection, num_parameters
 from rsd.draft.samples import DraftSamples
-from rsd.training import Live, LoopConfig, train
+from rsd.training import Live, LoopConfig, resolve_precision, train
 
 log = logging.getLogger("rsd.draft")
 
@@ -196,6 +196,7 @@ def train_draft(samples: DraftSamples, config: DraftTrainConfig, live: Live | No
         "layer_exact_match": val.exact_match,
         "best_epoch": kept.epoch,
         "epochs": E,
+        "precision": resolve_precision(config.precision, device.type),
         "parameters": parameters,
         "train_samples": len(train_idx),
         "val_samples": len(val_idx),

@@ -17,7 +17,7 @@ from rsd.data import TaskDemos, action_chunks, split_episodes
 from rsd.policy.config import BackboneConfig, PolicyConfig, build_vocab
 from rsd.policy.model import MainPolicy
 from rsd.tokenizer.model import RFSQTokenizer
-from rsd.training import Live, LoopConfig, torch_threads, train
+from rsd.training import PRECISIONS, PRECISIONS_EXPECTED, Live, LoopConfig, resolve_precision, torch_threads, train
 
 log = logging.getLogger("rsd.policy")
 
@@ -54,9 +54,10 @@ class PolicyTrainConfig(Config):
     """Weight of each residual layer's cross entropy, coarse first (one per tokenizer layer); None = equal.
     The fine layers' codes are close to noise (their tokens barely move the action), so weighing them
     down keeps the backbone on the coarse layers that decide the action."""
-    precision: str = "bf16"
+    precision: str = "auto"
     """`bf16`: forward passes under bfloat16 autocast, weights and optimizer in float32 (~1.7x faster
-    training on a CPU with AVX512-BF16; slower on one without); `fp32`: all in float32."""
+    training on a CPU with AVX512-BF16 or AMX, or a GPU; ~12x slower on a CPU without, where torch emulates
+    it); `fp32`: all in float32; `auto`: bf16 where it runs natively, else fp32 (rsd.training.native_bf16)."""
     num_threads: int = 2
     """torch CPU threads."""
     seed: int = 0
@@ -65,7 +66,7 @@ class PolicyTrainConfig(Config):
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "num_threads"):
             self.check(getattr(self, name) >= 1, name, "a positive int")
-        self.check(self.precision in ("bf16", "fp32"), "precision", "'bf16' or 'fp32'")
+        self.check(self.precision in PRECISIONS, "precision", PRECISIONS_EXPECTED)
         self.check(self.lr > 0, "lr", "> 0")
         self.check(self.warmup_steps >= 0, "warmup_steps", "a non-negative int")
         self.check(self.weight_decay >= 0, "weight_decay", ">= 0")
@@ -248,6 +249,7 @@ def train_policy(tasks: list[TaskDemos], tokenizer: RFSQTokenizer, config: Polic
             "val_token_accuracy_per_layer": [round(a, 4) for a in history[-1]["val_acc"]],
             "train_loss": round(history[-1]["train_loss"], 5),
             "epochs": config.epochs,
+            "precision": resolve_precision(config.precision, "cpu"),
             "train_seconds": round(time.monotonic() - start, 1),
             "parameters": parameters,
             "train_samples": len(train_samples),

@@ -1,0 +1,16 @@
+"""What this machine runs natively: bfloat16 arithmetic is fast only where the hardware has it."""
+from __future__ import annotations
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether bfloat16 runs natively here: on CUDA, or on a CPU with AVX512-BF16 or AMX. Elsewhere torch
+    emulates it: on an AVX2 CPU a default-profile policy training step took 9.8 s in bf16 against 0.8 s in
+    fp32, and a draft call 7.3 ms against 3.2 ms."""
+    if device_type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
