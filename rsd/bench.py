@@ -25,6 +25,7 @@ exactness for speed: its token mismatches and its mean action deviation from no-
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -384,11 +385,21 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
 
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes: which checkpoint a result came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def time_checkpoints(policy_path: str, tokenizer_path: str, draft_path: str, observations: list[dict[str, Any]],
                      config: BenchConfig, engine_configs: dict[str, EngineConfig], device: str,
-                     compile: bool) -> dict[str, Any]:
+                     compile: bool, label: str = "") -> dict[str, Any]:
     """`benchmark` of the checkpoints on recorded observations, eager and (with `compile`) on the compiled path
-    (rsd.compiled), one after the other in one process; with both, how the compiled no-draft tokens compare."""
+    (rsd.compiled), one after the other in one process; with both, how the compiled no-draft tokens compare.
+    The result names the checkpoints (`label`, and each file's sha256)."""
     from rsd.compiled import compiled_engines
 
     policy = MainPolicy.load(policy_path).to(device)
@@ -397,8 +408,11 @@ def time_checkpoints(policy_path: str, tokenizer_path: str, draft_path: str, obs
     names = (f"main policy {policy_path}", tokenizer_path)
     eager = {mode: RSDEngine(policy, tokenizer, None if mode == "none" else draft, engine_configs[mode], names)
              for mode in MODES}
-    result: dict[str, Any] = {"device": device_name(device), "torch": torch.__version__,
-                              "observations": len(observations), "eager": benchmark(eager, observations, config)}
+    files = {"policy": policy_path, "tokenizer": tokenizer_path, "draft": draft_path}
+    result: dict[str, Any] = {
+        "device": device_name(device), "torch": torch.__version__, "observations": len(observations),
+        "checkpoints": label, "checkpoint_sha256": {name: file_sha256(path) for name, path in files.items()},
+        "eager": benchmark(eager, observations, config)}
     if compile:
         start = time.monotonic()
         words = max(len(policy.config.encode_instruction(o["instruction"])) for o in observations)

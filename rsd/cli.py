@@ -71,6 +71,7 @@ def bench(
     compile: bool = typer.Option(False, "--compile/--no-compile", help="also time the compiled path (static KV "
                                  "cache; CUDA graphs on a GPU), and compare its tokens with eager decoding's"),
     out: Path = typer.Option(Path("metrics/bench_gpu.json"), "--out", help="JSON result"),
+    label: str = typer.Option("", "--label", help="what the checkpoints are, recorded in the result (e.g. the profile)"),
     params: Path = ParamsOption,
 ) -> None:
     """Time the checkpoints on recorded observations, without LIBERO: no draft, strict, relaxed and a perfect
@@ -95,9 +96,9 @@ def bench(
         engines = {mode: EngineConfig(mode=mode, **{k: evaluation[k] for k in ("tolerance", "draft_precision") if k in evaluation})
                    for mode in MODES}
         inputs = load_observations(observations)
-    except ValueError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    result = time_checkpoints(str(policy), str(tokenizer), str(draft), inputs, config, engines, device, compile)
+    result = time_checkpoints(str(policy), str(tokenizer), str(draft), inputs, config, engines, device, compile, label)
     write_json(out, result)
     for path_name in ("eager", "compiled"):
         if path_name in result:

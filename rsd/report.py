@@ -371,7 +371,7 @@ def _trained_on_gpu(m: Metrics) -> list[str]:
     return [
         "## The trained checkpoints on a GPU",
         "",
-        f"On {g['device']}, the {g['observations']} observations the bench stage recorded "
+        f"On {g['device']}, {g.get('checkpoints') or 'the checkpoints'}, on {g['observations']} observations the bench stage recorded "
         f"(`rsd bench --observations`), ms per call (speedup against no draft on the same path):",
         "",
         "| Path | No draft | Strict | Relaxed | Perfect draft |",

@@ -130,7 +130,7 @@ def test_rsd_bench_times_checkpoints_from_a_file(tmp_path):
     save_draft(tmp_path / "draft.pt")
     save_observations(tmp_path / "obs.npz", observations(3))
     (tmp_path / "params.yaml").write_text("bench: {repetitions: 2, warmup: 1}\neval: {tolerance: 2}\n")
-    args = ["bench", "--observations", str(tmp_path / "obs.npz"), "--policy", str(tmp_path / "policy.pt"),
+    args = ["bench", "--label", "tiny", "--observations", str(tmp_path / "obs.npz"), "--policy", str(tmp_path / "policy.pt"),
             "--tokenizer", str(tmp_path / "tokenizer.pt"), "--draft", str(tmp_path / "draft.pt"),
             "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out.json")]
     result = CliRunner().invoke(app, args)
@@ -138,6 +138,7 @@ def test_rsd_bench_times_checkpoints_from_a_file(tmp_path):
     metrics = json.loads((tmp_path / "out.json").read_text())
     eager = metrics["eager"]
     assert metrics["observations"] == eager["observations"] == 3 and "compiled" not in metrics
+    assert metrics["checkpoints"] == "tiny" and len(metrics["checkpoint_sha256"]["policy"]) == 64
     assert eager["action_mismatches"] == 0 and eager["relaxed"]["tolerance"] == 2 and eager["repetitions"] == 2
     refused = CliRunner().invoke(app, [*args[:-2], "--out", str(tmp_path / "x.json"), "--device", "tpu"])
     assert refused.exit_code != 0 and "expected cpu or cuda" in refused.output

@@ -155,7 +155,7 @@ def test_report_adds_the_trained_gpu_section_when_its_metrics_exist(tmp_path):
         "device": "NVIDIA H200", "observations": 200, "eager": {**mode, "no_draft_ms": 8.0},
         "compiled": mode, "compiled_vs_eager": {"token_mismatches": 1, "near_ties": 1, "speedup_no_draft": 2.0}}))
     text = build_report(metrics, tmp_path / "dvclive", tmp_path / "reports").read_text()
-    for expected in ("## The trained checkpoints on a GPU", "On NVIDIA H200, the 200 observations",
+    for expected in ("## The trained checkpoints on a GPU", "On NVIDIA H200, the checkpoints, on 200 observations",
                      "| compiled | 4.00 | 3.60 (1.11×) | 3.40 (1.18×) | 3.00 (1.33×) |",
                      "differ from eager on 1 observations (1 of them near-ties); compiled no-draft is 2.00× eager"):
         assert expected in text, expected
