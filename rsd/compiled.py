@@ -17,10 +17,10 @@ address. So here:
   weight, so the passes make three graphs (prefill, one position, the K-position verify pass)
   whatever layer they feed.
 
-The graphs are captured by hand (`CapturedGraph`), not by torch.compile's `reduce-overhead` mode: that
-mode checks its guards and inputs in Python on every call, ~1 ms at the 7B shape, which the engine's
-host reads between passes (the accept decision) leave exposed: on an H200 it cost the speculative path
-4-5 ms a call. A replay costs a few microseconds.
+The graphs are captured by hand (`CapturedGraph`), not by torch.compile's `reduce-overhead` mode, whose
+replays do their bookkeeping in Python: the engine reads the accept decision back between passes, so
+host work there is not hidden behind the GPU's. At the 7B shape on an H200 the speculative path spent
+4-5 ms a call beyond its passes with that mode, ~2 ms with the graphs captured here.
 
 `CompiledPolicy` has what the engine calls on a policy (`prefill`, `step`, `step_many`,
 `encode_instructions`), so `compiled_engines` builds ordinary `RSDEngine`s on it. With `compile=False`
@@ -38,7 +38,7 @@ from transformers import StaticCache
 from rsd.draft.model import proposer
 from rsd.engine import RSDEngine
 from rsd.policy.config import PAD_ID
-from rsd.policy.model import MainPolicy, Observation
+from rsd.policy.model import MainPolicy, Observation, check_feed
 
 
 class CapturedGraph:
@@ -157,12 +157,7 @@ class CompiledPolicy(nn.Module):
         n = codes.shape[1]
         if cache is not self._current:
             raise ValueError("this cache is not the compiled policy's current one: each prefill reuses the cache")
-        if not (n >= 1 and 0 <= first_layer and first_layer + n <= self.config.num_layers - 1):
-            raise ValueError(f"cannot feed layers {first_layer}..{first_layer + n - 1}: the policy predicts layers "
-                             f"1..{self.config.num_layers - 1} from layers 0..{self.config.num_layers - 2}")
-        if cache.num_positions != cache.prompt_length + first_layer:
-            raise ValueError(f"the cache holds {cache.num_positions} positions, feeding layer {first_layer} needs "
-                             f"{cache.prompt_length + first_layer} (prompt + one per earlier layer); crop it first")
+        check_feed(self.config.num_layers, first_layer, n, cache.num_positions, cache.prompt_length)
         (logits,) = self._run(("layers", n), self._layer_pass, (codes, self.slots[first_layer]))
         cache.num_positions += n
         return logits

@@ -21,6 +21,7 @@ from rsd.parallel import run_unordered
 from rsd.progress import Progress
 from rsd.sim.env import LiberoEnv, SimConfig, cached_env
 from rsd.sim.suite import TASKS_EXPECTED, are_task_indices, task_indices
+from rsd.stats import success_interval
 
 log = logging.getLogger("rsd.eval")
 
@@ -177,6 +178,7 @@ def summarize(episodes: list[Episode], names: dict[int, str], wall_seconds: floa
     layers = sorted(int(k.rsplit("L", 1)[1]) for k in calls[0] if k.startswith("token_acceptance_L"))
     return {
         "success_rate": round(successes / len(episodes), 4),
+        "success_rate_ci95": list(success_interval(successes, len(episodes))),
         "successes": successes,
         "trials": len(episodes),
         "per_task": {names[t]: round(float(np.mean(v)), 4) for t, v in sorted(per_task.items())},
@@ -193,4 +195,7 @@ def summarize(episodes: list[Episode], names: dict[int, str], wall_seconds: floa
         "policy_calls": len(calls),
         "mean_episode_steps": round(float(np.mean([e.steps for e in episodes])), 1),
         "wall_seconds": round(wall_seconds, 1),
+        # each episode's outcome, in (task, init state) order: variants compare episode by episode (rsd.stats)
+        "episodes": {"task": [e.task for e in episodes], "init_state": [e.init_state for e in episodes],
+                     "success": [int(e.success) for e in episodes]},
     }

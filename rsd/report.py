@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from rsd.config import Config
 from rsd.io import atomic_path
+from rsd.stats import paired_difference, success_interval
 
 SOURCES = {
     "demos": "demos",
@@ -255,6 +256,7 @@ def render(m: Metrics, config: ReportConfig, checks: dict[str, tuple[str, bool]]
         lines.append(f"| {label} | {s['draft_ms']:.2f} | {s['speedup']:.2f}× ({s['speedup_p10']:.2f}–{s['speedup_p90']:.2f}) "
                      f"| {s['token_acceptance']:.3f} | {' / '.join(f'{v:.2f}' for v in s['token_acceptance_per_layer'])} "
                      f"| {s['accepted_layers_per_chunk']:.2f} | {s['main_passes_per_chunk']:.2f} |")
+    lines += ["", *_success_uncertainty(nd, d, r, tolerance)]
     lines += [
         "",
         f"Strict mode: {b['strict']['action_mismatches']} observation(s) decoded tokens unlike no-draft decoding, "
@@ -342,6 +344,29 @@ def _at_scale(m: Metrics, config: ReportConfig) -> list[str]:
         *_passes_7b(s),
         *_trained_on_gpu(m),
     ]
+
+
+def _success_uncertainty(nd: dict[str, Any], d: dict[str, Any], r: dict[str, Any], tolerance: int) -> list[str]:
+    """Each variant's success rate with its 95% Wilson interval; each draft variant against no draft, episode by
+    episode, where the evaluations recorded their episodes (the same tasks and init states)."""
+    def rate(e: dict[str, Any]) -> str:
+        low, high = success_interval(e["successes"], e["trials"])
+        return f"{_pct(e['success_rate'])} ({e['successes']}/{e['trials']}; 95% CI {_pct(low)}–{_pct(high)})"
+
+    lines = [f"Success with its 95% Wilson interval: no draft {rate(nd)}, strict {rate(d)}, relaxed ±{tolerance} {rate(r)}."]
+    for label, e in (("strict", d), (f"relaxed ±{tolerance}", r)):
+        if "episodes" not in nd or "episodes" not in e:
+            continue
+        same = all(nd["episodes"][k] == e["episodes"][k] for k in ("task", "init_state"))
+        if not same:
+            lines.append(f"The {label} evaluation ran other episodes than no draft's: no paired comparison.")
+            continue
+        p = paired_difference(nd["episodes"]["success"], e["episodes"]["success"])
+        low, high = p["rate_difference_ci95"]
+        lines.append(f"Paired, {label} against no draft on the same {p['episodes']} episodes: {p['difference']:+d} "
+                     f"successes ({p['gained']} gained, {p['lost']} lost), {100 * p['rate_difference']:+.1f} points "
+                     f"(95% bootstrap CI {100 * low:+.1f} to {100 * high:+.1f}; McNemar exact p = {p['mcnemar_p']:.3f}).")
+    return lines
 
 
 def _passes_7b(s: dict[str, Any]) -> list[str]:

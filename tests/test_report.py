@@ -20,7 +20,12 @@ def _eval(successes: int, mode: str, ms: float) -> dict:
             "token_acceptance": None if mode == "none" else 0.71, "token_acceptance_per_layer": None,
             "accepted_layers_per_chunk": None if mode == "none" else 1.39, "peak_memory_gb": 1.871,
             "policy_calls": 300, "mean_episode_steps": 150.0, "wall_seconds": 60.0, "device": "cpu",
-            "acceptance_mode": mode}
+            "acceptance_mode": mode, "episodes": _episodes(successes)}
+
+
+def _episodes(successes: int) -> dict:
+    """12 episodes (2 tasks x 6 init states), the first `successes` of them successful."""
+    return {"task": [0] * 6 + [1] * 6, "init_state": list(range(6)) * 2, "success": [1] * successes + [0] * (12 - successes)}
 
 
 def _mode(ms: float, speedup: float, acceptance: float) -> dict:
@@ -159,3 +164,16 @@ def test_report_adds_the_trained_gpu_section_when_its_metrics_exist(tmp_path):
                      "| compiled | 4.00 | 3.60 (1.11×) | 3.40 (1.18×) | 3.00 (1.33×) |",
                      "differ from eager on 1 observations (1 of them near-ties); compiled no-draft is 2.00× eager"):
         assert expected in text, expected
+
+
+def test_report_gives_intervals_and_the_paired_comparison(tmp_path):
+    metrics = write_metrics(tmp_path, draft_successes=10, relaxed_successes=9)
+    text = build_report(metrics, tmp_path / "dvclive", tmp_path / "reports").read_text()
+    assert "no draft 83.3% (10/12; 95% CI 55.2%–95.3%)" in text
+    assert "Paired, strict against no draft on the same 12 episodes: +0 successes (0 gained, 0 lost)" in text
+    assert "Paired, relaxed ±1 against no draft on the same 12 episodes: -1 successes (0 gained, 1 lost), -8.3 points" in text
+    relaxed = json.loads((metrics / "eval_draft_relaxed.json").read_text())
+    relaxed["episodes"]["init_state"] = list(range(6, 12)) * 2
+    (metrics / "eval_draft_relaxed.json").write_text(json.dumps(relaxed))
+    text = build_report(metrics, tmp_path / "dvclive", tmp_path / "reports").read_text()
+    assert "The relaxed ±1 evaluation ran other episodes than no draft's: no paired comparison." in text

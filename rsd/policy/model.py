@@ -187,12 +187,7 @@ class MainPolicy(nn.Module):
         """Feed codes [B, n, 128] of layers first_layer..first_layer+n-1 in ONE pass (n positions appended
         to the cache) -> logits [B, n, 128, levels] of layers first_layer+1..first_layer+n."""
         B, n, _ = codes.shape
-        if not (n >= 1 and 0 <= first_layer and first_layer + n <= self.config.num_layers - 1):
-            raise ValueError(f"cannot feed layers {first_layer}..{first_layer + n - 1}: the policy predicts layers "
-                             f"1..{self.config.num_layers - 1} from layers 0..{self.config.num_layers - 2}")
-        if cache.num_positions != cache.prompt_length + first_layer:
-            raise ValueError(f"the cache holds {cache.num_positions} positions, feeding layer {first_layer} needs "
-                             f"{cache.prompt_length + first_layer} (prompt + one per earlier layer); crop it first")
+        check_feed(self.config.num_layers, first_layer, n, cache.num_positions, cache.prompt_length)
         positions = cache.attention_mask.sum(dim=1, keepdim=True) + torch.arange(n, device=codes.device)  # [B, n]
         mask = torch.cat([cache.attention_mask, cache.attention_mask.new_ones(B, n)], dim=1)  # [B, S + n]
         out = self._backbone(self._embed_codes(codes, first_layer), mask, positions, cache.kv)  # [B, n, H]
@@ -272,6 +267,17 @@ class MainPolicy(nn.Module):
                              f"weights: retrain it, `dvc repro policy`")
         model.load_state_dict(ckpt["state_dict"])
         return model
+
+
+def check_feed(num_layers: int, first_layer: int, n: int, num_positions: int, prompt_length: int) -> None:
+    """Refuse a pass feeding layers first_layer..first_layer+n-1 that the policy does not predict from, or into
+    a cache holding other than the prompt and one position per earlier layer."""
+    if not (n >= 1 and 0 <= first_layer and first_layer + n <= num_layers - 1):
+        raise ValueError(f"cannot feed layers {first_layer}..{first_layer + n - 1}: the policy predicts layers "
+                         f"1..{num_layers - 1} from layers 0..{num_layers - 2}")
+    if num_positions != prompt_length + first_layer:
+        raise ValueError(f"the cache holds {num_positions} positions, feeding layer {first_layer} needs "
+                         f"{prompt_length + first_layer} (prompt + one per earlier layer); crop it first")
 
 
 def _is_fingerprint(value: object) -> bool:
