@@ -38,7 +38,7 @@ from torch import Tensor
 from rsd.config import Config
 from rsd.contract import CHUNK_LEN, CODES_PER_LAYER, LATENT_DIM
 from rsd.draft.model import RFSQDraftModelWithProjection, in_precision, load_draft, proposer
-from rsd.hardware import native_bf16
+from rsd.hardware import resolve_precision
 from rsd.policy.model import MainPolicy, PolicyCache
 from rsd.tokenizer.model import RFSQTokenizer
 
@@ -72,10 +72,7 @@ class EngineConfig(Config):
 
     def draft_dtype(self, device_type: str) -> torch.dtype:
         """The draft's dtype on a `device_type` device."""
-        precision = self.draft_precision
-        if precision == "auto":
-            precision = "bf16" if native_bf16(device_type) else "fp32"
-        return DRAFT_DTYPES[precision]
+        return DRAFT_DTYPES[resolve_precision(self.draft_precision, device_type)]
 
 
 @dataclass

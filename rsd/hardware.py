@@ -14,3 +14,10 @@ def native_bf16(device_type: str) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """`auto` -> `bf16` where it runs natively, else `fp32`; `bf16` and `fp32` as they are."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device_type) else "fp32"
+    return precision

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from rsd.config import Config
-from rsd.hardware import native_bf16
+from rsd.hardware import resolve_precision
 from rsd.progress import Progress
 
 Batch = TypeVar("Batch")
@@ -96,7 +96,7 @@ class LoopConfig(Config):
     """Largest gradient norm before each step (None: no clipping)."""
     precision: str = "fp32"
     """`bf16`: the loss function runs under bfloat16 autocast, weights and optimizer stay float32; `fp32`;
-    `auto`: bf16 where it runs natively (`native_bf16`), else fp32."""
+    `auto`: bf16 where it runs natively (`rsd.hardware`), else fp32."""
     device_type: str = "cpu"
     """Device type of the autocast (`cpu`, `cuda`): where the model is."""
     best_metric: str | None = None
@@ -116,13 +116,6 @@ class LoopConfig(Config):
 
 PRECISIONS = ("auto", "bf16", "fp32")
 PRECISIONS_EXPECTED = "'auto', 'bf16' or 'fp32'"
-
-
-def resolve_precision(precision: str, device_type: str) -> str:
-    """`auto` -> `bf16` where it runs natively, else `fp32`; `bf16` and `fp32` as they are."""
-    if precision == "auto":
-        return "bf16" if native_bf16(device_type) else "fp32"
-    return precision
 
 
 @dataclass

@@ -17,7 +17,8 @@ from torch import Tensor
 from rsd.draft.config import DraftConfig, DraftTrainConfig
 from rsd.draft.model import FORMAT_VERSION, RFSQDraftModelWithProjection, num_parameters
 from rsd.draft.samples import DraftSamples
-from rsd.training import Live, LoopConfig, resolve_precision, train
+from rsd.hardware import resolve_precision
+from rsd.training import Live, LoopConfig, train
 
 log = logging.getLogger("rsd.draft")
 

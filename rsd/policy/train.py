@@ -14,10 +14,11 @@ from torch import Tensor
 
 from rsd.config import Config
 from rsd.data import TaskDemos, action_chunks, split_episodes
+from rsd.hardware import resolve_precision
 from rsd.policy.config import BackboneConfig, PolicyConfig, build_vocab
 from rsd.policy.model import MainPolicy
 from rsd.tokenizer.model import RFSQTokenizer
-from rsd.training import PRECISIONS, PRECISIONS_EXPECTED, Live, LoopConfig, resolve_precision, torch_threads, train
+from rsd.training import PRECISIONS, PRECISIONS_EXPECTED, Live, LoopConfig, torch_threads, train
 
 log = logging.getLogger("rsd.policy")
 
@@ -57,7 +58,7 @@ class PolicyTrainConfig(Config):
     precision: str = "auto"
     """`bf16`: forward passes under bfloat16 autocast, weights and optimizer in float32 (~1.7x faster
     training on a CPU with AVX512-BF16 or AMX, or a GPU; ~12x slower on a CPU without, where torch emulates
-    it); `fp32`: all in float32; `auto`: bf16 where it runs natively, else fp32 (rsd.training.native_bf16)."""
+    it); `fp32`: all in float32; `auto`: bf16 where it runs natively, else fp32 (rsd.hardware)."""
     num_threads: int = 2
     """torch CPU threads."""
     seed: int = 0
