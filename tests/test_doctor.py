@@ -214,3 +214,17 @@ def test_a_missing_bucket_and_bad_params_are_named(project: Path, tmp_path: Path
 def test_unknown_check_names_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown check.*'gpu'.*known: params, torch"):
         DoctorConfig(skip=("gpu",))
+
+
+def test_torch_check_refuses_bf16_where_it_is_only_emulated(tmp_path, monkeypatch):
+    """bf16 asked for explicitly on a CPU that emulates it: a clear failure naming the params; auto passes."""
+    import rsd.doctor as doctor
+
+    monkeypatch.setattr(doctor, "native_bf16", lambda device_type: False)
+    config = doctor.DoctorConfig(root=tmp_path, params_file=tmp_path / "params.yaml")
+    params = {"base": {"device": "cpu"}, "policy": {"precision": "bf16"}, "train": {"precision": "auto"}}
+    result = doctor.check_torch(doctor._State(config, params=params))
+    assert not result.ok and "policy.precision ask for bf16" in result.detail and "auto" in result.fix
+    params["policy"]["precision"] = "auto"
+    result = doctor.check_torch(doctor._State(config, params=params))
+    assert result.ok and "no native bf16, so precision auto trains in fp32" in result.detail
