@@ -130,9 +130,9 @@ def check_torch(state: _State) -> CheckResult:
                            "check the torch build and the device")
     forced = [f"{name}.precision" for name in ("policy", "train")
               if ((state.params or {}).get(name) or {}).get("precision") == "bf16"]
-    if forced and not native_bf16(device):  # emulated bf16: a default-profile policy step ~12x slower
+    if forced and not native_bf16(device):  # emulated bf16: a default-profile policy step ~11x slower
         return CheckResult("torch", False, f"params {' and '.join(forced)} ask for bf16, which this {device} "
-                           f"only emulates (no AVX512-BF16 or AMX): training would run ~12x slower than in fp32",
+                           f"only emulates (no AVX512-BF16 or AMX): training would run ~11x slower than in fp32",
                            "set them to auto (bf16 only where native) or fp32 in params.yaml")
     bf16 = "native bf16" if native_bf16(device) else "no native bf16, so precision auto trains in fp32"
     return CheckResult("torch", True, f"torch {torch.__version__}, stages run on {device} ({bf16}); {gpu}; {host}")

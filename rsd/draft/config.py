@@ -104,8 +104,9 @@ class DraftTrainConfig(Config):
     hidden states, so a split by sample would leak validation into training."""
     precision: str = "auto"
     """`bf16`: forward passes under bfloat16 autocast, weights and optimizer in float32 (~1.7x faster
-    training on a CPU with AVX512-BF16 or AMX, or a GPU; ~12x slower on a CPU without, where torch emulates
-    it); `fp32`: all in float32; `auto`: bf16 where it runs natively, else fp32 (rsd.hardware)."""
+    training on a CPU with AVX512-BF16 or AMX, or a GPU; ~11x slower for the policy on a CPU without,
+    where torch emulates it); `fp32`: all in float32; `auto`: bf16 where it runs natively, else fp32
+    (rsd.hardware)."""
     seed: int = 0
     """Seeds the split, the initialisation, dropout and the batch order: same seed, same checkpoint."""
 
