@@ -92,7 +92,7 @@ def bench(
     try:
         values = load_params(params)
         config = section(values, "bench", BenchConfig)
-        evaluation = values.get("eval") or {}
+        evaluation = values.get("eval") or {}  # read as data: rsd.evaluation's EvalConfig would import LIBERO
         engines = {mode: EngineConfig(mode=mode, **{k: evaluation[k] for k in ("tolerance", "draft_precision") if k in evaluation})
                    for mode in MODES}
         inputs = load_observations(observations)

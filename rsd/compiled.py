@@ -211,8 +211,7 @@ class CompiledPolicy(nn.Module):
     def _layer_impl(self, codes: Tensor, first_layer: Tensor) -> tuple[Tensor]:
         n = codes.shape[1]
         layers = first_layer + torch.arange(n, device=codes.device)  # [n] the layers whose codes are fed
-        policy = self.policy
-        embeds = policy.code_embed(codes + policy.code_offsets).sum(dim=-2) + policy.layer_embed(layers)  # [1, n, H]
+        embeds = self.policy.code_inputs(codes, layers)  # [1, n, H]
         positions = (self.real[: self.prompt_length].sum() + layers)[None]  # after the real prompt tokens
         out = self._backbone(embeds, self._mask(self.prompt_length + first_layer, n), positions)
         return (self._logits(out, layers + 1),)

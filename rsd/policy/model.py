@@ -157,7 +157,11 @@ class MainPolicy(nn.Module):
         """codes [B, n, 128] of layers first_layer.. -> one input embedding per layer [B, n, H]."""
         if codes.numel() and not (0 <= int(codes.min()) and int(codes.max()) < self.config.levels):
             raise ValueError(f"codes must lie in 0..{self.config.levels - 1}, got {int(codes.min())}..{int(codes.max())}")
-        layers = torch.arange(first_layer, first_layer + codes.shape[1], device=codes.device)  # [n]
+        return self.code_inputs(codes, torch.arange(first_layer, first_layer + codes.shape[1], device=codes.device))
+
+    def code_inputs(self, codes: Tensor, layers: Tensor) -> Tensor:
+        """codes [B, n, 128] in range, of `layers` [n] -> their input embeddings [B, n, H]; no host read, so the
+        compiled path (rsd.compiled) calls it inside its graphs."""
         return self.code_embed(codes + self.code_offsets).sum(dim=-2) + self.layer_embed(layers)  # [B, n, H]
 
     def _logits(self, x: Tensor, first_layer: int) -> Tensor:
