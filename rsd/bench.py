@@ -1,4 +1,4 @@
-"""The speed benchmark: the same real observations through no-draft, strict and relaxed decoding.
+"""The speed benchmark: the same real observations through no-draft, strict and relaxed decoding, interleaved.
 
 1. **Record** (rsd.recording, in LIBERO). The main policy (no draft) runs closed loop from fresh
    placements; the observation of every policy call is kept, then thinned evenly across the tasks.
@@ -10,12 +10,14 @@
    no-draft, strict and relaxed decoding, a fourth engine times the ceiling: strict decoding with a
    perfect draft, one that always proposes main's own codes (found per observation first, untimed)
    while still running the real draft model for its cost. Its speedup is the most any draft of this
-   size can give this policy on this machine.
+   size can give this policy on this machine. The acceptance sweep times relaxed decoding at every
+   ratio of `min_ratios` among them, from strict (1) to keeping every proposal (0).
 3. **Report.** Latency is the wall time of a whole `predict` call (inputs to action chunk, on CUDA
-   synchronised at both ends). `no_draft_ms` and `draft_ms` are medians over all timed calls;
-   `speedup` is their ratio. Its spread, `speedup_p10`/`speedup_p90`, is the 10th/90th percentile of
-   the per-observation ratios (each the ratio of that observation's median latencies), so it shows how
-   the gain varies from one observation to another, acceptance included.
+   synchronised at both ends; the call's statistics are computed after it). `no_draft_ms` and
+   `draft_ms` are medians over all timed calls; `speedup` is their ratio. Its spread,
+   `speedup_p10`/`speedup_p90`, is the 10th/90th percentile of the per-observation ratios (each the ratio
+   of that observation's median latencies), so it shows how the gain varies from one observation to
+   another, acceptance included. `breakdown_ms` splits a mode's calls into their spans (`BREAKDOWN`).
 
 Strict mode must decode the tokens of no-draft decoding. Every observation whose strict tokens differ
 counts in `action_mismatches`; those whose first differing layer has, at every differing code, a top-2
@@ -25,6 +27,7 @@ exactness for speed: its token mismatches and its mean action deviation from no-
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -35,6 +38,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsd.config import Config
@@ -73,6 +77,9 @@ class BenchConfig(Config):
     """Simulator processes while recording."""
     near_tie_margin: float = 1e-4
     """A strict-mode token difference counts as a near-tie when no-draft's top-2 logit margin is below this."""
+    min_ratios: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001, 0.0])
+    """The acceptance sweep: relaxed decoding at each `eval.min_ratio` here, timed beside the other engines
+    (1: only main's own choices; 0: every proposal kept)."""
 
     def validate(self) -> None:
         for name in ("observations", "episodes_per_task", "execute_steps", "repetitions", "threads", "workers"):
@@ -81,6 +88,7 @@ class BenchConfig(Config):
         self.check(self.execute_steps <= CHUNK_LEN, "execute_steps", f"in 1..{CHUNK_LEN} (the chunk length)")
         self.check(are_task_indices(self.tasks), "tasks", TASKS_EXPECTED)
         self.check(self.near_tie_margin > 0, "near_tie_margin", "a positive number")
+        self.check(all(0 <= r <= 1 for r in self.min_ratios), "min_ratios", "a list of numbers in [0, 1]")
 
     @property
     def task_indices(self) -> list[int]:
@@ -131,7 +139,7 @@ def load_observations(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class PinnedDraft(nn.Module):
-    """Runs the real draft model (for its cost), then returns the proposal set for this call, if any."""
+    """Runs the real draft model (for its cost), then proposes the codes set for this call, if any."""
 
     def __init__(self, draft: RFSQDraftModelWithProjection) -> None:
         super().__init__()
@@ -139,9 +147,11 @@ class PinnedDraft(nn.Module):
         self.compute = proposer(draft)  # the draft's inference form, as an engine would run it
         self.proposal: Tensor | None = None
 
-    def propose(self, hidden: Tensor) -> Tensor:
-        computed = self.compute(hidden)  # [1, K, 128], the real work
-        return computed if self.proposal is None else self.proposal
+    def logits(self, hidden: Tensor, layer0: Tensor) -> Tensor:
+        computed = self.compute(hidden, layer0)  # [1, K, 128, levels], the real work
+        if self.proposal is None:
+            return computed
+        return F.one_hot(self.proposal, computed.shape[-1]).to(computed.dtype)  # its argmax is the proposal
 
 
 def perfect_proposal(engine: RSDEngine, draft: PinnedDraft, inputs: dict[str, Any], plain: Tensor) -> Tensor:
@@ -158,12 +168,18 @@ def perfect_proposal(engine: RSDEngine, draft: PinnedDraft, inputs: dict[str, An
     raise RuntimeError("could not find a proposal the verify pass accepts whole")
 
 
+def variant(engine: RSDEngine, draft: Any = None, **changes: Any) -> RSDEngine:
+    """`engine` with some of its config changed (and another draft), sharing its policy and tokenizer."""
+    return RSDEngine(engine.policy, engine.tokenizer, draft or engine.draft, dataclasses.replace(engine.config, **changes))
+
+
 class PerfectDraftEngine:
-    """Strict decoding whose draft proposes, for each known observation, main's own codes: the ceiling."""
+    """Strict decoding, never gated, whose draft proposes, for each known observation, main's own codes:
+    the ceiling."""
 
     def __init__(self, strict: RSDEngine, observations: list[dict[str, Any]], plain_tokens: list[Tensor]) -> None:
         self.draft = PinnedDraft(strict.draft)
-        self.engine = RSDEngine(strict.policy, strict.tokenizer, self.draft, strict.config)
+        self.engine = variant(strict, self.draft, min_confidence=0.0)
         self.device = self.engine.device
         self.proposals = {id(inputs): perfect_proposal(self.engine, self.draft, inputs, tokens)
                           for inputs, tokens in zip(observations, plain_tokens)}
@@ -267,6 +283,23 @@ def _r(value: float, digits: int = 4) -> float:
     return round(float(value), digits)
 
 
+def _median_stat(predictions: list[Prediction], key: str) -> float:
+    return _r(np.median([p.stats[key] for p in predictions]), 3)
+
+
+BREAKDOWN = ("inputs", "prefill", "draft", "verify", "passes", "decode")
+"""The spans of one call (rsd.engine.Marks), in order: inputs to tensors, the prefill, the draft (and the
+gate), the verify pass and its decision, the further one-layer passes, the tokenizer's decode."""
+
+
+def breakdown(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Calls' stats -> median ms of each span of a call, and of the rest (its wall time beyond its spans)."""
+    spans = [name for name in BREAKDOWN if f"{name}_ms" in stats[0]]
+    out = {name: _r(np.median([s[f"{name}_ms"] for s in stats]), 3) for name in spans}
+    rest = [s["total_ms"] - sum(s[f"{name}_ms"] for name in spans) for s in stats]
+    return {**out, "rest": _r(np.median(rest), 3)}
+
+
 def _mode_summary(timed: Timings, plain: Timings) -> dict[str, Any]:
     """Latency, speedup and acceptance of one draft mode against no-draft decoding."""
     per_obs = np.array([np.median(p) / np.median(d) for p, d in zip(plain.ms, timed.ms)])
@@ -287,9 +320,29 @@ def _mode_summary(timed: Timings, plain: Timings) -> dict[str, Any]:
         "accepted_layers_per_chunk": _r(accepted.mean()),
         "accepted_layers_share": [_r((accepted == k).mean()) for k in range(len(layers))],
         "main_passes_per_chunk": _r(np.mean([s["main_passes"] for s in stats])),
-        "draft_model_ms": _r(np.median([s["draft_ms"] for s in stats]), 3),
-        "main_ms": _r(np.median([s["main_ms"] for s in stats]), 3),
+        "speculated_share": _r(np.mean([s["speculated"] for s in stats])),
+        "draft_model_ms": _median_stat(timed.first, "draft_ms"),
+        "main_ms": _median_stat(timed.first, "main_ms"),
+        "breakdown_ms": breakdown(stats),
     }
+
+
+def _deviation(plain: Timings, timed: Timings) -> dict[str, Any]:
+    """How far a lossy mode's first calls land from no-draft decoding's: tokens and actions."""
+    deviation = [np.abs(r.chunk - p.chunk) for p, r in zip(plain.first, timed.first)]
+    return {"token_mismatches": sum(not torch.equal(p.tokens, r.tokens) for p, r in zip(plain.first, timed.first)),
+            "mean_action_deviation": _r(np.mean([d.mean() for d in deviation]), 6),
+            "max_action_deviation": _r(np.max([d.max() for d in deviation]), 6)}
+
+
+def gate_summary(gated: list[Prediction], ungated: list[Prediction]) -> dict[str, float]:
+    """How the gate chose, call by call, against what speculating would have kept (the same engine ungated):
+    the share of calls it speculated on, it was right on (speculated exactly where a layer would be kept),
+    it speculated on for nothing, and it skipped although a layer would have been kept."""
+    went = np.array([p.stats["speculated"] == 1 for p in gated])
+    pays = np.array([p.stats["accepted_layers"] > 0 for p in ungated])
+    return {"speculated_share": _r(went.mean()), "right_share": _r((went == pays).mean()),
+            "wasted_share": _r((went & ~pays).mean()), "missed_share": _r((~went & pays).mean())}
 
 
 def device_name(device: torch.device | str) -> str:
@@ -319,13 +372,20 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
     if not observations:
         raise ValueError("benchmark needs at least one observation")
     device = engines["none"].device
+    relaxed = engines["relaxed"]
+    sweep = {f"min_ratio={r:g}": variant(relaxed, min_ratio=r) for r in config.min_ratios}
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)  # on a GPU too: the host side (inputs, the tokenizer's decode) is tiny work
     start = time.monotonic()
     try:
         plain_tokens = [engines["none"].predict(inputs).tokens for inputs in observations]
-        timed = time_engines({**engines, "perfect": PerfectDraftEngine(engines["strict"], observations, plain_tokens)},
-                             observations, config.repetitions, config.warmup, progress)
+        timed = time_engines({**engines, "perfect": PerfectDraftEngine(engines["strict"], observations, plain_tokens),
+                              **sweep}, observations, config.repetitions, config.warmup, progress)
+        gate = None
+        if engines["strict"].config.min_confidence > 0:
+            ungated = variant(engines["strict"], min_confidence=0.0)
+            gate = {"min_confidence": engines["strict"].config.min_confidence,
+                    **gate_summary(timed["strict"].first, [ungated.predict(inputs) for inputs in observations])}
     finally:
         torch.set_num_threads(threads)
     plain = timed["none"]
@@ -334,13 +394,13 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
     mismatches, near_ties, tie_layers = token_differences(engines["none"], observations, [s.tokens for s in timed["strict"].first],
                                                           config.near_tie_margin, [p.tokens for p in plain.first])
     summaries["strict"].update(action_mismatches=mismatches, near_ties=near_ties)
-    deviation = [np.abs(r.chunk - p.chunk) for p, r in zip(plain.first, timed["relaxed"].first)]
-    summaries["relaxed"].update(
-        tolerance=engines["relaxed"].config.tolerance,
-        token_mismatches=sum(not torch.equal(p.tokens, r.tokens) for p, r in zip(plain.first, timed["relaxed"].first)),
-        mean_action_deviation=_r(np.mean([d.mean() for d in deviation]), 6),
-        max_action_deviation=_r(np.max([d.max() for d in deviation]), 6),
-    )
+    summaries["relaxed"].update(min_ratio=relaxed.config.min_ratio, **_deviation(plain, timed["relaxed"]))
+    acceptance_sweep = []
+    for name, engine in sweep.items():
+        summary = _mode_summary(timed[name], plain)
+        acceptance_sweep.append({"min_ratio": engine.config.min_ratio, **{k: summary[k] for k in (
+            "speedup", "speedup_p10", "speedup_p90", "accepted_layers_per_chunk", "accepted_layers_share",
+            "speculated_share", "token_acceptance")}, **_deviation(plain, timed[name])})
     plain_ms = np.concatenate([np.asarray(m) for m in plain.ms])
     head = summaries["strict"]
     result = {
@@ -361,9 +421,14 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
         "no_draft": {
             "ms": _r(np.median(plain_ms), 3),
             "p90_ms": _r(_percentile(plain_ms, 90), 3),
-            "main_ms": _r(np.median([p.stats["main_ms"] for p in plain.first]), 3),
+            "main_ms": _median_stat(plain.first, "main_ms"),
             "main_passes_per_chunk": _r(np.mean([p.stats["main_passes"] for p in plain.first])),
+            # one one-layer pass of main, beside the draft's one call (strict's draft_model_ms)
+            "layer_pass_ms": _r(np.median([p.stats["passes_ms"] / (p.stats["main_passes"] - 1) for p in plain.first]), 3),
+            "breakdown_ms": breakdown([p.stats for p in plain.first]),
         },
+        "acceptance_sweep": acceptance_sweep,
+        "gate": gate,
         "near_tie_margin": config.near_tie_margin,
         "speedup_spread": "p10/p90 of per-observation ratios of median no-draft to median draft latency",
         "observations": len(observations),

@@ -1,5 +1,5 @@
 """The `collect` stage: run the main policy in LIBERO and record, for every policy call, its hidden
-state and the coarse RFSQ codes it decoded: the draft model's training data.
+state, the coarse RFSQ codes it decoded and its probabilities for them: the draft model's training data.
 
 Placements are fresh and seeded from their own stream (never the demos' seeds, never the benchmark's
 evaluation init states), so the draft learns from states the main policy itself visits.
@@ -62,15 +62,18 @@ def _collect_episode(job: tuple[int, int, int, CollectConfig]) -> tuple[int, int
     task, episode, seed, config = job
     env = worker_env(task)
     obs = env.reset(seed=seed)
-    hidden, coarse, steps = [], [], []
+    hidden, coarse, probs, steps = [], [], [], []
 
     def record(step: int, prediction: Prediction) -> None:
         hidden.append(prediction.hidden_state.float().cpu().numpy())
         coarse.append(prediction.tokens[..., :NUM_COARSE_LAYERS].to(torch.uint8).cpu().numpy())
+        logits = torch.cat(prediction.layer_logits[:NUM_COARSE_LAYERS]).float()  # [C, 128, levels], no-draft decoding's
+        probs.append(logits.softmax(dim=-1).to(torch.float16).cpu().numpy())
         steps.append(step)
 
     success, _ = rollout(env, obs, worker_agent(), config.execute_steps, record, config.query_every_step)
-    return task, episode, success, {"hidden_state": np.stack(hidden), "coarse_tokens": np.stack(coarse), "step": np.array(steps)}
+    return task, episode, success, {"hidden_state": np.stack(hidden), "coarse_tokens": np.stack(coarse),
+                                    "coarse_probs": np.stack(probs), "step": np.array(steps)}
 
 
 def collect(make_agent: Callable[[], Agent], config: CollectConfig, sim: SimConfig, base_seed: int) -> tuple[DraftSamples, dict]:
@@ -94,6 +97,7 @@ def collect(make_agent: Callable[[], Agent], config: CollectConfig, sim: SimConf
             parts.append(DraftSamples(
                 hidden_state=torch.from_numpy(arrays["hidden_state"]),
                 coarse_tokens=torch.from_numpy(arrays["coarse_tokens"]),
+                coarse_probs=torch.from_numpy(arrays["coarse_probs"]),
                 task=torch.full((n,), task),
                 episode=torch.full((n,), episode),  # (task, episode) identifies an episode
                 step=torch.from_numpy(arrays["step"]),

@@ -3,11 +3,11 @@
 Decoding one chunk of L residual layers:
 
 - no draft: prefill (gives layer 0 and the hidden state), then L-1 single-position passes.
-- draft: the draft proposes layers 0..K-1 (K = 3) from the hidden state; main's own layer 0 comes
-  from the prefill and is checked against the draft's for free. One verify pass feeds [main's layer
-  0, draft layers 1..K-1] and returns main's view of layers 1..K. The longest prefix of draft layers
-  1..K-1 that main agrees with is kept, the KV cache is cut back to the positions fed with kept codes,
-  and decoding continues one layer per pass from there. The verify pass is never wasted: its first
+- draft: the draft proposes layers 0..K-1 (K = 3) from the hidden state (and from main's layer-0 codes,
+  if it reads them); main's own layer 0 comes from the prefill and is checked against the draft's for
+  free. One verify pass feeds [main's layer 0, draft layers 1..K-1] and returns main's view of layers
+  1..K. The longest prefix of draft layers 1..K-1 that main agrees with is kept, the KV cache is cut
+  back to the positions fed with kept codes, and decoding continues one layer per pass from there. The verify pass is never wasted: its first
   output (main's layer 1 given main's layer 0) is exact whatever the draft proposed.
 
   Main's layer 0 is always the one fed, so a draft layer l >= 1 is checked against exactly what main
@@ -15,20 +15,31 @@ Decoding one chunk of L residual layers:
   kept draft layers 1..K-1, which is the number of main passes saved (main passes = L - accepted).
 
 Acceptance: `strict` keeps a draft layer only if all its codes equal main's (actions identical to no
-draft, up to floating-point near-ties); `relaxed` keeps one whose codes are all within `tolerance`
-levels of main's (faster, lossy). Either way the codes decoded are main's own views from the verify
-pass; in relaxed mode those of later layers were conditioned on the draft's nearby codes.
+draft, up to floating-point near-ties); `relaxed` keeps one whose every code main finds plausible: main's
+verify pass gives it at least `min_ratio` times the probability of main's own choice there (Medusa's
+typical acceptance, on whole RFSQ layers). One knob from strict (1: only main's choices) to keeping
+every proposal (0). Either way the codes decoded are main's own views from the verify pass; in relaxed
+mode those of later layers were conditioned on the draft's plausible codes.
 
-Speed: a call runs under `torch.inference_mode`, reads back to the host once per decision (one
-boolean per draft layer, one list of acceptance rates), caches each instruction's word ids, and runs
-the draft in the precision `draft_precision` asks for, through its inference form
-(`rsd.draft.model.proposer`).
+The gate: speculating costs a verify pass wider than a one-layer pass and the bookkeeping, so with
+`min_confidence` > 0 the engine speculates only when the draft is that sure of its layer 1 (its
+smallest top-1 probability over the layer's codes); otherwise the call decodes as without a draft,
+having paid for the draft alone.
+
+Speed: a call runs under `torch.inference_mode` and reads back to the host once per decision (the kept
+layer count; the gate's confidence when gated); its statistics are computed when first read, after the
+call has returned its actions (`Prediction.stats`). Time marks are `perf_counter` on the CPU and CUDA
+events on a GPU (no synchronisation inside the call). Each instruction's word ids are cached, inputs
+reach a GPU through pinned buffers, and the draft runs in the precision `draft_precision` asks for,
+through its inference form (`rsd.draft.model.proposer`).
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -37,7 +48,7 @@ from torch import Tensor
 
 from rsd.config import Config
 from rsd.contract import CHUNK_LEN, CODES_PER_LAYER, LATENT_DIM
-from rsd.draft.model import RFSQDraftModelWithProjection, in_precision, load_draft, proposer
+from rsd.draft.model import DraftLogits, RFSQDraftModelWithProjection, in_precision, load_draft, proposer
 from rsd.hardware import resolve_precision
 from rsd.policy.model import MainPolicy, PolicyCache
 from rsd.tokenizer.model import RFSQTokenizer
@@ -56,9 +67,14 @@ class EngineConfig(Config):
     prefix: ClassVar[str] = "eval"
 
     mode: str = "none"
-    """`none` (no draft), `strict` (lossless speculation) or `relaxed` (per-code tolerance)."""
-    tolerance: int = 1
-    """relaxed only: a draft code is accepted when it is within this many levels of main's."""
+    """`none` (no draft), `strict` (lossless speculation) or `relaxed` (codes main finds plausible)."""
+    min_ratio: float = 0.1
+    """relaxed only: a draft code is plausible when main's verify pass gives it at least this share of the
+    probability of main's own choice there; a layer is kept when all its codes are. 1 keeps only main's
+    choices (as strict), 0 keeps every proposal."""
+    min_confidence: float = 0.0
+    """Speculate only when the draft's smallest top-1 probability over its layer-1 codes reaches this;
+    below it the call decodes as without a draft. 0 always speculates."""
     draft_precision: str = "fp32"
     """`fp32`, `bf16`, or `auto` (bf16 where it runs natively, rsd.hardware): the precision the draft model
     runs in. bf16 halves its time on a CPU with AVX512-BF16 (and on a GPU) and doubles it on one without;
@@ -66,7 +82,8 @@ class EngineConfig(Config):
 
     def validate(self) -> None:
         self.check(self.mode in MODES, "mode", f"one of {', '.join(MODES)}")
-        self.check(self.tolerance >= 0, "tolerance", "a non-negative int")
+        self.check(0 <= self.min_ratio <= 1, "min_ratio", "a number in [0, 1]")
+        self.check(0 <= self.min_confidence <= 1, "min_confidence", "a number in [0, 1]")
         self.check(self.draft_precision in ("auto", *DRAFT_DTYPES), "draft_precision",
                    f"one of auto, {', '.join(DRAFT_DTYPES)}")
 
@@ -77,12 +94,22 @@ class EngineConfig(Config):
 
 @dataclass
 class Prediction:
-    """One policy call's result."""
+    """One policy call's result. Its `stats` are computed when first read, after the call has returned its
+    actions: they are diagnostics, and their small host reads stay off the path to the action chunk."""
 
     chunk: np.ndarray  # [8, 7] actions
     tokens: Tensor  # [8, 16, L] the RFSQ codes decoded
     hidden_state: Tensor  # [H] main's hidden state at the act position (what the draft reads)
-    stats: dict[str, float]  # draft_ms, main_ms, total_ms, main_passes, acceptance...
+    finish_stats: Callable[[], dict[str, float]] = field(repr=False)
+    layer_logits: list[Tensor] = field(default_factory=list)  # no draft: main's logits [1, 128, levels] per layer
+    _stats: dict[str, float] | None = field(default=None, repr=False)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """draft_ms, main_ms, total_ms (inputs to action chunk), main_passes, acceptance, each span's ms..."""
+        if self._stats is None:
+            self._stats = self.finish_stats()
+        return self._stats
 
 
 class RSDEngine:
@@ -108,79 +135,114 @@ class RSDEngine:
         if draft is not None:
             draft = in_precision(draft, self.config.draft_dtype(self.device.type))
         self.policy, self.tokenizer, self.draft = policy.eval(), tokenizer.eval(), draft
-        self._propose: Callable[[Tensor], Tensor] | None = None
+        self._draft_logits: DraftLogits | None = None
         self._proposal_shape: tuple[int, ...] | str = "-"  # for the debug line: [1, K, 128] per call
         if draft is not None and self.config.mode != "none":
-            self._propose = proposer(draft)
+            self._draft_logits = proposer(draft)
             self._proposal_shape = (1, draft.config.num_coarse_layers, CODES_PER_LAYER)
+        # relaxed: a code is plausible when its logit is at most -log(min_ratio) below main's top one
+        self._log_ratio = math.log(self.config.min_ratio) if self.config.min_ratio > 0 else -math.inf
         self._instructions: dict[str, dict[str, Tensor]] = {}
+        self._pinned: dict[str, Tensor] = {}  # host staging of each input on a GPU (`_to_device`)
 
     # ---- one policy call ----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def predict(self, inputs: dict[str, Any]) -> Prediction:
-        start = self._now()
+        marks = Marks(self.device)
         obs = self._batch(inputs)
-        t0 = self._now()
+        marks("inputs")
         hidden, logits0, cache = self.policy.prefill(obs)
         codes = [logits0.argmax(-1)]  # per layer [1, 128]
+        marks("prefill")
+        layer_logits = [logits0]
         if self.config.mode == "none":
-            stats = self._decode_plain(codes, cache)
+            self._decode_rest(codes, cache, marks, layer_logits)
+            stats, finish = {"main_passes": self.policy.config.num_layers}, None
         else:
-            stats = self._decode_speculative(hidden, codes, cache)
-        stats["main_ms"] = (self._now() - t0) * 1e3 - stats.get("draft_ms", 0.0)
+            stats, finish = self._decode_speculative(hidden, codes, cache, marks)
         tokens = torch.stack(codes, dim=-1).unflatten(1, (CHUNK_LEN, LATENT_DIM))  # [1, 8, 16, L]
-        chunk = self.tokenizer.decode(tokens.cpu())[0].numpy()  # [8, 7]
-        stats["total_ms"] = (self._now() - start) * 1e3
+        chunk = self.tokenizer.decode(tokens.to(self.tokenizer.device))[0].cpu().numpy()  # [8, 7]; waits for the passes
+        marks("decode")
+        stats["total_ms"] = marks.total_ms()
+
+        def finish_stats() -> dict[str, float]:
+            if finish is not None:
+                stats.update(finish())
+            ms = marks.ms()
+            if finish is not None:
+                ms.setdefault("verify", 0.0)  # a call the gate decoded without speculating
+            stats.update({f"{name}_ms": value for name, value in ms.items()})
+            stats["main_ms"] = ms["prefill"] + ms.get("verify", 0.0) + ms["passes"]
+            return stats
+
+        prediction = Prediction(chunk, tokens[0], hidden[0], finish_stats, layer_logits if self.config.mode == "none" else [])
         if log.isEnabledFor(logging.DEBUG):
+            s = prediction.stats
             log.debug("Draft time: %.2f ms, Draft tokens shape: %s, Main time: %.2f ms, total %.2f ms, passes %d, "
-                      "acceptance %s, Actions shape: %s", stats.get("draft_ms", 0.0), self._proposal_shape,
-                      stats["main_ms"], stats["total_ms"], stats["main_passes"], stats.get("token_acceptance", "-"),
-                      chunk.shape)
-        return Prediction(chunk, tokens[0], hidden[0], stats)
+                      "acceptance %s, Actions shape: %s", s.get("draft_ms", 0.0), self._proposal_shape, s["main_ms"],
+                      s["total_ms"], s["main_passes"], s.get("token_acceptance", "-"), chunk.shape)
+        return prediction
 
-    def _decode_plain(self, codes: list[Tensor], cache: PolicyCache) -> dict[str, Any]:
-        """Layers 1..L-1, one pass each, each fed the codes decoded for the layer before: greedy decoding."""
-        for layer in range(1, self.policy.config.num_layers):
-            codes.append(self.policy.step(codes[-1], layer, cache).argmax(-1))
-        return {"main_passes": self.policy.config.num_layers}
+    def _decode_rest(self, codes: list[Tensor], cache: PolicyCache, marks: Marks, logits: list[Tensor] | None = None) -> None:
+        """Layers len(codes)..L-1, one pass each, each fed the codes decoded for the layer before: greedy decoding.
+        `logits` gets each layer's logits."""
+        while len(codes) < self.policy.config.num_layers:
+            layer_logits = self.policy.step(codes[-1], len(codes), cache)
+            codes.append(layer_logits.argmax(-1))
+            if logits is not None:
+                logits.append(layer_logits)
+        marks("passes")
 
-    def _decode_speculative(self, hidden: Tensor, codes: list[Tensor], cache: PolicyCache) -> dict[str, Any]:
-        policy, num_layers = self.policy, self.policy.config.num_layers
-        t1 = self._now()
-        proposal = self._propose(hidden)  # [1, K, 128], K coarse layers
-        t2 = self._now()
+    def _decode_speculative(self, hidden: Tensor, codes: list[Tensor], cache: PolicyCache, marks: Marks
+                            ) -> tuple[dict[str, Any], Callable[[], dict[str, float]]]:
+        """Layers 1..L-1 with the draft's proposal -> (stats, the acceptance statistics to compute once the
+        codes are on the host)."""
+        num_layers = self.policy.config.num_layers
+        draft_logits = self._draft_logits(hidden, codes[0])  # [1, K, 128, levels], K coarse layers
+        proposal = draft_logits.argmax(-1)  # [1, K, 128]
         K = proposal.shape[1]
+        speculate = True
+        if self.config.min_confidence > 0:  # the gate: one host read
+            confidence = draft_logits[0, 1].float().softmax(-1).amax(-1).amin()
+            speculate = float(confidence) >= self.config.min_confidence
+        marks("draft")
+        # main's own code for each proposed layer, in the context decoding took: layer 0 from the prefill,
+        # then the verify pass's views up to the first rejected layer, then the passes after it
+        finish = partial(self._acceptance, proposal, codes)
+        if not speculate:
+            self._decode_rest(codes, cache, marks)
+            return {"main_passes": num_layers, "accepted_layers": 0, "speculated": 0}, finish
         # verify: feed main's layer 0 and draft layers 1..K-1 -> main's view of layers 1..K
         fed = torch.cat([codes[0][:, None], proposal[:, 1:]], dim=1)  # [1, K, 128]
-        views = policy.step_many(fed, 0, cache).argmax(-1)  # [1, K, 128]: views[:, i] = main's layer i+1
-        agree = self._agree(proposal[:, 1:], views[:, : K - 1]).tolist()  # K-1 bools, one host read
-        accepted = next((i for i, ok in enumerate(agree) if not ok), K - 1)  # kept draft layers 1..accepted
+        view_logits = self.policy.step_many(fed, 0, cache)  # [1, K, 128, levels]: [:, i] is main's layer i+1
+        views = view_logits.argmax(-1)  # [1, K, 128]
+        keep = self._keep(proposal[:, 1:], views[:, : K - 1], view_logits[:, : K - 1])  # [K-1] bools
+        accepted = int(keep.cumprod(0).sum())  # kept draft layers 1..accepted: the one host read
+        marks("verify")
         # main's own codes for layers 1..accepted+1 (strict: equal to the draft's where accepted; relaxed:
-        # conditioned on the draft's nearby codes, which is where the loss comes from)
+        # conditioned on the draft's plausible codes, which is where the loss comes from)
         codes.extend(views[:, : accepted + 1].unbind(1))
         cache.crop(cache.prompt_length + accepted + 1)  # positions fed with kept codes
-        while len(codes) < num_layers:
-            codes.append(policy.step(codes[-1], len(codes), cache).argmax(-1))
-        # main's own code for each proposed layer, in the context decoding took: layer 0 from the prefill,
-        # layers up to accepted+1 from the verify pass, later ones from the passes after it
-        reference = [codes[0], *views[:, : accepted + 1].unbind(1), *codes[accepted + 2: K]][:K]
-        per_layer = (proposal == torch.stack(reference, dim=1)).float().mean(dim=-1)[0].tolist()  # K
-        stats: dict[str, Any] = {
-            "draft_ms": (t2 - t1) * 1e3,
-            "main_passes": num_layers - accepted,
-            "accepted_layers": accepted,
-            "token_acceptance": sum(per_layer) / K,
-        }
-        for layer, value in enumerate(per_layer):
-            stats[f"token_acceptance_L{layer}"] = value
-        return stats
+        self._decode_rest(codes, cache, marks)
+        return {"main_passes": num_layers - accepted, "accepted_layers": accepted, "speculated": 1}, finish
 
-    def _agree(self, draft_codes: Tensor, main_codes: Tensor) -> Tensor:
-        """[B, n, 128] codes each -> [n] bools: does main accept each draft layer (batch of one)?"""
+    def _keep(self, draft_codes: Tensor, main_codes: Tensor, main_logits: Tensor) -> Tensor:
+        """Draft codes [1, n, 128], main's codes [1, n, 128] and logits [1, n, 128, levels] of the same layers
+        -> [n] bools: does main keep each draft layer?"""
         if self.config.mode == "strict":
             return (draft_codes == main_codes).all(dim=-1)[0]
-        return ((draft_codes - main_codes).abs() <= self.config.tolerance).all(dim=-1)[0]
+        proposed = main_logits.gather(-1, draft_codes[..., None])[..., 0]  # [1, n, 128]
+        return (proposed >= main_logits.amax(dim=-1) + self._log_ratio).all(dim=-1)[0]
+
+    @staticmethod
+    def _acceptance(proposal: Tensor, codes: list[Tensor]) -> dict[str, float]:
+        """Share of the draft's codes [1, K, 128] equal to main's decoded ones (per layer [1, 128]), per layer
+        and over all."""
+        per_layer = (proposal[0] == torch.cat(codes[: proposal.shape[1]])).float().mean(dim=-1).tolist()  # [K]
+        stats = {f"token_acceptance_L{layer}": value for layer, value in enumerate(per_layer)}
+        stats["token_acceptance"] = sum(per_layer) / len(per_layer)
+        return stats
 
     @torch.inference_mode()
     def plain_logits(self, inputs: dict[str, Any]) -> Tensor:
@@ -200,18 +262,56 @@ class RSDEngine:
         text = inputs["instruction"]
         if text not in self._instructions:
             self._instructions[text] = self.policy.encode_instructions([text])
-        obs = {
-            "agentview": torch.as_tensor(np.ascontiguousarray(inputs["agentview"]), device=self.device)[None],
-            "wrist": torch.as_tensor(np.ascontiguousarray(inputs["wrist"]), device=self.device)[None],
-            "proprio": torch.as_tensor(inputs["proprio"], dtype=torch.float32, device=self.device)[None],
-        }
+        obs = {name: self._to_device(name, np.asarray(inputs[name], dtype=dtype))[None]
+               for name, dtype in (("agentview", np.uint8), ("wrist", np.uint8), ("proprio", np.float32))}
         obs.update(self._instructions[text])
         return obs
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+    def _to_device(self, name: str, array: np.ndarray) -> Tensor:
+        """`array` on the policy's device. On a GPU through a pinned buffer kept per input: a copy from pageable
+        memory blocks the host for each input, one from pinned memory is queued. The buffer is rewritten only by
+        the next call, after this one has read its results back, so its copy is done by then."""
+        if self.device.type != "cuda":
+            return torch.as_tensor(np.ascontiguousarray(array))
+        buffer = self._pinned.get(name)
+        if buffer is None or tuple(buffer.shape) != array.shape or buffer.numpy().dtype != array.dtype:
+            buffer = self._pinned[name] = torch.from_numpy(np.empty_like(array)).pin_memory()
+        buffer.numpy()[...] = array
+        return buffer.to(self.device, non_blocking=True)
+
+
+class Marks:
+    """Time marks within one call: `marks("verify")` ends the span named so. `perf_counter` on the CPU; on a
+    GPU, CUDA events read once the call's results are on the host, so timing adds no synchronisation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.names: list[str] = []
+        self.points: list[Any] = []
+        self.start = time.perf_counter()
+        self("start")
+
+    def __call__(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.points.append(event)
+        else:
+            self.points.append(time.perf_counter())
+        self.names.append(name)
+
+    def ms(self) -> dict[str, float]:
+        """Each span's ms, by the name of the mark that ended it."""
+        if self.cuda:
+            self.points[-1].synchronize()
+            spans = [a.elapsed_time(b) for a, b in zip(self.points, self.points[1:])]
+        else:
+            spans = [(b - a) * 1e3 for a, b in zip(self.points, self.points[1:])]
+        return dict(zip(self.names[1:], spans))
+
+    def total_ms(self) -> float:
+        """Wall ms since the call began (host clock: the results are on the host by now)."""
+        return (time.perf_counter() - self.start) * 1e3
 
 
 def check_tokenizer_pair(policy: MainPolicy, tokenizer: RFSQTokenizer, policy_name: str = "the main policy",

@@ -44,8 +44,12 @@ class EvalConfig(Config):
     """Actions of each predicted chunk executed open loop before the policy is called again."""
     workers: int = 2
     """Parallel simulator processes, each with its own copy of the agent."""
-    tolerance: int = 1
-    """Relaxed acceptance (the draft_relaxed variant): levels a draft code may differ from main's."""
+    min_ratio: float = 0.1
+    """Relaxed acceptance (the draft_relaxed variant): a draft code is kept when main gives it at least this
+    share of the probability of its own choice (1: as strict; 0: every proposal). rsd.engine.EngineConfig."""
+    min_confidence: float = 0.0
+    """The gate of both draft variants: speculate only when the draft's smallest top-1 probability over its
+    layer-1 codes reaches this (0: always)."""
     draft_precision: str = "auto"
     """The draft model's precision in the draft variants (`fp32`, `bf16`, or `auto`: bf16 where it runs
     natively); main checks its proposals, so strict decoding stays exact either way."""
@@ -55,7 +59,7 @@ class EvalConfig(Config):
         self.check(are_task_indices(self.tasks), "tasks", TASKS_EXPECTED)
         self.check(1 <= self.execute_steps <= CHUNK_LEN, "execute_steps", f"in 1..{CHUNK_LEN} (the chunk length)")
         self.check(self.workers >= 1, "workers", "at least 1")
-        self.engine_config("none")  # tolerance and draft_precision, checked as the engine checks them
+        self.engine_config("none")  # the engine's fields, checked as the engine checks them
 
     @property
     def task_indices(self) -> list[int]:
@@ -64,7 +68,8 @@ class EvalConfig(Config):
     def engine_config(self, mode: str) -> EngineConfig:
         """The engine config of a variant whose acceptance mode is `mode` (`none`, `strict` or `relaxed`).
         The evaluation itself reads none of these: the engine each worker builds does."""
-        return EngineConfig(mode=mode, tolerance=self.tolerance, draft_precision=self.draft_precision)
+        return EngineConfig(mode=mode, min_ratio=self.min_ratio, min_confidence=self.min_confidence,
+                            draft_precision=self.draft_precision)
 
 
 @dataclass

@@ -39,7 +39,7 @@ OPTIONAL_SOURCES = ("bench_7b", "bench_gpu")
 `rsd bench`)."""
 CURVES = ("policy", "draft")
 """DVCLive runs whose curves are plotted."""
-PLOTS = ("training_curves.png", "per_task_success.png", "latency_breakdown.png")
+PLOTS = ("training_curves.png", "per_task_success.png", "latency_breakdown.png", "acceptance_sweep.png")
 
 
 @dataclass
@@ -151,6 +151,7 @@ def build_report(metrics_dir: str | Path, live_dir: str | Path, out_dir: str | P
     _plot_curves(curves, out / PLOTS[0])
     _plot_per_task(m, out / PLOTS[1])
     _plot_latency(m, out / PLOTS[2])
+    _plot_sweep(m, out / PLOTS[3])
     text = render(m, config, checks)
     path = out / "report.md"
     with atomic_path(path) as tmp:
@@ -166,7 +167,7 @@ def targets(m: Metrics, config: ReportConfig) -> dict[str, tuple[str, bool]]:
     """Each target of the conclusion checklist: key -> (statement with its numbers, met?)."""
     nd, b = m.data["eval_no_draft"], m.data["bench"]
     strict, relaxed = (m.data[name] for name in DRAFT_MODES.values())
-    label = {"strict": "strict", "relaxed": f"relaxed ±{b['relaxed']['tolerance']}"}
+    label = {"strict": "strict", "relaxed": _relaxed(b)}
     result = {}
     for mode in DRAFT_MODES:
         s = b[mode]
@@ -182,7 +183,7 @@ def targets(m: Metrics, config: ReportConfig) -> dict[str, tuple[str, bool]]:
         strict["successes"] == nd["successes"])
     drop = nd["success_rate"] - relaxed["success_rate"]
     result["success_relaxed"] = (
-        f"Relaxed-mode (±{b['relaxed']['tolerance']}) success within {100 * config.max_relaxed_success_drop:g} points of "
+        f"Relaxed-mode (ratio ≥ {b['relaxed']['min_ratio']:g}) success within {100 * config.max_relaxed_success_drop:g} points of "
         f"no draft ({relaxed['successes']}/{relaxed['trials']} vs {nd['successes']}/{nd['trials']})",
         drop <= config.max_relaxed_success_drop + 1e-9)
     mismatches, ties = m.get("bench", "action_mismatches"), m.get("bench", "near_ties")
@@ -201,7 +202,7 @@ def render(m: Metrics, config: ReportConfig, checks: dict[str, tuple[str, bool]]
     """report.md's text."""
     nd, b = m.data["eval_no_draft"], m.data["bench"]
     d, r = (m.data[name] for name in DRAFT_MODES.values())
-    tolerance = b["relaxed"]["tolerance"]
+    relaxed = _relaxed(b)
 
     def marks(name: str) -> str:
         return " / ".join(_mark(checks[f"{name}_{mode}"][1]) for mode in DRAFT_MODES)
@@ -216,15 +217,15 @@ def render(m: Metrics, config: ReportConfig, checks: dict[str, tuple[str, bool]]
         "# RSD on LIBERO libero_spatial: report",
         "",
         f"Residual speculative decoding of the main policy's RFSQ tokens. The draft runs under two acceptance rules: "
-        f"**strict** (lossless: a layer is kept when every code equals main's) and **relaxed** (kept when every code is "
-        f"within {tolerance} level{'s' if tolerance != 1 else ''} of main's). Success rates "
+        f"**strict** (lossless: a layer is kept when every code equals main's) and **relaxed** (kept when main's verify "
+        f"pass gives every code at least {b['relaxed']['min_ratio']:g} of the probability of its own choice). Success rates "
         f"are closed-loop episodes on the benchmark's init states ({nd['trials']} per variant); latency is the "
         f"benchmark's median per policy call on {b['device']} ({b['observations']} recorded observations × "
         f"{b['repetitions']} repetitions, engines interleaved).",
         "",
         "## Comparison",
         "",
-        f"| Metric | No draft | Draft (strict) | Draft (relaxed ±{tolerance}) | Target (strict / relaxed) | Met |",
+        f"| Metric | No draft | Draft (strict) | Draft ({relaxed}) | Target (strict / relaxed) | Met |",
         "| --- | --- | --- | --- | --- | --- |",
         f"| Success Rate | {_pct(nd['success_rate'])} ({nd['successes']}/{nd['trials']}) | {_pct(d['success_rate'])} "
         f"({d['successes']}/{d['trials']}) | {_pct(r['success_rate'])} ({r['successes']}/{r['trials']}) | = no draft / "
@@ -250,13 +251,13 @@ def render(m: Metrics, config: ReportConfig, checks: dict[str, tuple[str, bool]]
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| no draft | {b['no_draft_ms']:.2f} | 1.00× | — | — | — | {b['no_draft']['main_passes_per_chunk']:g} |",
     ]
-    labels = {"strict": "strict", "relaxed": f"relaxed (±{tolerance})", "perfect": "strict, perfect draft (ceiling)"}
+    labels = {"strict": "strict", "relaxed": relaxed, "perfect": "strict, perfect draft (ceiling)"}
     for name, label in labels.items():
         s = b[name]
         lines.append(f"| {label} | {s['draft_ms']:.2f} | {s['speedup']:.2f}× ({s['speedup_p10']:.2f}–{s['speedup_p90']:.2f}) "
                      f"| {s['token_acceptance']:.3f} | {' / '.join(f'{v:.2f}' for v in s['token_acceptance_per_layer'])} "
                      f"| {s['accepted_layers_per_chunk']:.2f} | {s['main_passes_per_chunk']:.2f} |")
-    lines += ["", *_success_uncertainty(nd, d, r, tolerance)]
+    lines += ["", *_success_uncertainty(nd, d, r, relaxed)]
     lines += [
         "",
         f"Strict mode: {b['strict']['action_mismatches']} observation(s) decoded tokens unlike no-draft decoding, "
@@ -267,11 +268,13 @@ def render(m: Metrics, config: ReportConfig, checks: dict[str, tuple[str, bool]]
         f"The perfect draft proposes main's own codes (found beforehand) at the real draft's cost: its "
         f"{b['perfect']['speedup']:.2f}× is the most any draft can give this policy on this machine.",
         "",
+        *_breakdown(b),
         "![latency breakdown](latency_breakdown.png)",
         "",
+        *_sweep(b),
         "## Per-task success",
         "",
-        f"| Task | No draft | Draft (strict) | Draft (relaxed ±{tolerance}) |",
+        f"| Task | No draft | Draft (strict) | Draft ({relaxed}) |",
         "| --- | --- | --- | --- |",
     ]
     for task, rate in nd["per_task"].items():
@@ -346,15 +349,73 @@ def _at_scale(m: Metrics, config: ReportConfig) -> list[str]:
     ]
 
 
-def _success_uncertainty(nd: dict[str, Any], d: dict[str, Any], r: dict[str, Any], tolerance: int) -> list[str]:
+def _relaxed(b: dict[str, Any]) -> str:
+    """The relaxed rule's label: its acceptance ratio."""
+    return f"relaxed, ratio ≥ {b['relaxed']['min_ratio']:g}"
+
+
+SPANS = {"prefill": "prefill", "draft": "draft model", "verify": "verify pass", "passes": "further passes",
+         "rest": "the rest"}
+"""A call's spans as the report shows them (the bench's inputs and decode spans go to the rest)."""
+
+
+def _spans(breakdown: dict[str, float]) -> dict[str, float | None]:
+    """The bench's `breakdown_ms` of one mode -> SPANS' ms (None for a span the mode has not)."""
+    out: dict[str, float | None] = {k: breakdown.get(k) for k in SPANS if k != "rest"}
+    out["rest"] = breakdown["rest"] + breakdown.get("inputs", 0.0) + breakdown.get("decode", 0.0)
+    return out
+
+
+def _timed_modes(b: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {"no draft": b["no_draft"], "strict": b["strict"], "relaxed": b["relaxed"], "perfect draft": b["perfect"]}
+
+
+def _breakdown(b: dict[str, Any]) -> list[str]:
+    """Where a call's time goes, per mode (bench `breakdown_ms`), beside main's one-layer pass and the draft."""
+    lines = ["Where a call's time goes (median ms per span; the rest is the inputs, the tokenizer's decode and the "
+             "bookkeeping between passes):", "",
+             "| Mode | " + " | ".join(SPANS.values()) + " |", "| --- |" + " --- |" * len(SPANS)]
+    for label, s in _timed_modes(b).items():
+        cells = ["—" if v is None else f"{v:.2f}" for v in _spans(s["breakdown_ms"]).values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"One one-layer pass of main takes {b['no_draft']['layer_pass_ms']:.2f} ms; one call of the draft "
+              f"{b['strict']['draft_model_ms']:.2f} ms.", ""]
+    gate = b.get("gate")
+    if gate:
+        lines += [f"The gate (speculate when the draft's least sure layer-1 code has top-1 probability ≥ "
+                  f"{gate['min_confidence']:g}) speculated in {_pct(gate['speculated_share'])} of strict calls and was "
+                  f"right in {_pct(gate['right_share'])} (speculated for nothing {_pct(gate['wasted_share'])}, skipped a "
+                  f"call that would have kept a layer {_pct(gate['missed_share'])}).", ""]
+    return lines
+
+
+def _sweep(b: dict[str, Any]) -> list[str]:
+    """The acceptance sweep's table (bench `acceptance_sweep`)."""
+    if not b.get("acceptance_sweep"):
+        return []
+    lines = ["## Acceptance sweep", "",
+             "Relaxed decoding at each acceptance ratio (a draft code is kept when main gives it at least that share of "
+             "its own choice's probability: 1 keeps only main's choices, 0 every proposal), timed beside the other "
+             "engines on the same observations:", "",
+             "| Ratio | Speedup (p10–p90) | Layers kept / call | Kept 0 / 1 / 2 | Token mismatches | Mean / max action deviation |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for e in b["acceptance_sweep"]:
+        shares = " / ".join(_pct(v) for v in e["accepted_layers_share"])
+        lines.append(f"| {e['min_ratio']:g} | {e['speedup']:.2f}× ({e['speedup_p10']:.2f}–{e['speedup_p90']:.2f}) | "
+                     f"{e['accepted_layers_per_chunk']:.2f} | {shares} | {e['token_mismatches']}/{b['observations']} | "
+                     f"{e['mean_action_deviation']:.4f} / {e['max_action_deviation']:.4f} |")
+    return [*lines, "", "![acceptance sweep](acceptance_sweep.png)", ""]
+
+
+def _success_uncertainty(nd: dict[str, Any], d: dict[str, Any], r: dict[str, Any], relaxed: str) -> list[str]:
     """Each variant's success rate with its 95% Wilson interval; each draft variant against no draft, episode by
     episode, where the evaluations recorded their episodes (the same tasks and init states)."""
     def rate(e: dict[str, Any]) -> str:
         low, high = success_interval(e["successes"], e["trials"])
         return f"{_pct(e['success_rate'])} ({e['successes']}/{e['trials']}; 95% CI {_pct(low)}–{_pct(high)})"
 
-    lines = [f"Success with its 95% Wilson interval: no draft {rate(nd)}, strict {rate(d)}, relaxed ±{tolerance} {rate(r)}."]
-    for label, e in (("strict", d), (f"relaxed ±{tolerance}", r)):
+    lines = [f"Success with its 95% Wilson interval: no draft {rate(nd)}, strict {rate(d)}, {relaxed} {rate(r)}."]
+    for label, e in (("strict", d), (relaxed, r)):
         if "episodes" not in nd or "episodes" not in e:
             continue
         same = all(nd["episodes"][k] == e["episodes"][k] for k in ("task", "init_state"))
@@ -477,23 +538,39 @@ def _plot_per_task(m: Metrics, path: Path) -> None:
 
 
 def _plot_latency(m: Metrics, path: Path) -> None:
-    """Median ms per policy call, split into the draft model, the main policy and the rest (inputs, decode)."""
+    """Median ms per policy call, split into its spans (bench `breakdown_ms`)."""
     plt = _pyplot()
     b = m.data["bench"]
-    rows = [("no draft", b["no_draft_ms"], 0.0, b["no_draft"]["main_ms"])]
-    rows += [(name, b[name]["draft_ms"], b[name]["draft_model_ms"], b[name]["main_ms"]) for name in ("strict", "relaxed")]
+    rows = {label: _spans(s["breakdown_ms"]) for label, s in _timed_modes(b).items()}
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = [r[0] for r in rows]
-    main = [r[3] for r in rows]
-    draft = [r[2] for r in rows]
-    other = [max(0.0, r[1] - r[2] - r[3]) for r in rows]
-    ax.barh(names, main, label="main policy")
-    ax.barh(names, draft, left=main, label="draft model")
-    ax.barh(names, other, left=[a + c for a, c in zip(main, draft)], label="inputs + action decode")
-    for i, r in enumerate(rows):
-        ax.text(r[1] * 1.01, i, f"{r[1]:.1f} ms", va="center", fontsize=8)
-    ax.set(xlabel=f"median ms per policy call ({b['device']})", title="Latency breakdown")
-    ax.set_xlim(0, max(r[1] for r in rows) * 1.2)
+    names = list(rows)
+    left = [0.0] * len(rows)
+    for span, label in SPANS.items():
+        widths = [spans[span] or 0.0 for spans in rows.values()]
+        ax.barh(names, widths, left=left, label=label)
+        left = [a + w for a, w in zip(left, widths)]
+    for i, total in enumerate(left):
+        ax.text(total * 1.01, i, f"{total:.1f} ms", va="center", fontsize=8)
+    ax.set(xlabel=f"median ms per span of a policy call ({b['device']})", title="Latency breakdown")
+    ax.set_xlim(0, max(left) * 1.2)
     ax.invert_yaxis()
     ax.legend(fontsize=7, loc="lower right")
+    _figure(path, fig)
+
+
+def _plot_sweep(m: Metrics, path: Path) -> None:
+    """Speedup against mean action deviation from no-draft decoding, one point per acceptance ratio."""
+    plt = _pyplot()
+    b = m.data["bench"]
+    sweep = b.get("acceptance_sweep") or []
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    x = [e["mean_action_deviation"] for e in sweep]
+    y = [e["speedup"] for e in sweep]
+    ax.plot(x, y, marker="o")
+    for e in sweep:
+        ax.annotate(f"{e['min_ratio']:g}", (e["mean_action_deviation"], e["speedup"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="mean |action − no-draft action| (normalized units)", ylabel="speedup vs no draft",
+           title=f"Acceptance sweep (ratio labelled; {b['device']})")
     _figure(path, fig)

@@ -42,8 +42,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from rsd.bench import PinnedDraft, explain_difference, perfect_proposal  # noqa: E402
-from rsd.compiled import CompiledDraft, CompiledPolicy  # noqa: E402
+from rsd.bench import PinnedDraft, breakdown, explain_difference, perfect_proposal  # noqa: E402
+from rsd.compiled import CompiledDraft, CompiledPolicy, CompiledTokenizer  # noqa: E402
 from rsd.draft.model import LeanDraft, RFSQDraftModelWithProjection  # noqa: E402
 from rsd.engine import EngineConfig, RSDEngine  # noqa: E402
 from rsd.policy.config import BackboneConfig, PolicyConfig, build_vocab  # noqa: E402
@@ -95,6 +95,20 @@ def accepted_share(args: argparse.Namespace, layers: int) -> tuple[list[float], 
     if len(share) != layers or any(s < 0 for s in share) or abs(sum(share) - 1) > 1e-3:
         raise SystemExit(f"--accepted-share needs {layers} non-negative numbers summing to 1, got {share}")
     return share, source
+
+
+def benchmark_shares_speedup(bench: Path, med: dict[str, float], layers: int) -> dict[str, float] | None:
+    """For each mode of the LIBERO benchmark (strict, relaxed, ...): no-draft ms over the mixture of the per-k
+    median ms weighted by that mode's share of calls keeping k draft layers; None without the benchmark file."""
+    if not bench.is_file():
+        return None
+    result = json.loads(bench.read_text())
+    out = {}
+    for mode in ("strict", "relaxed"):
+        share = result.get(mode, {}).get("accepted_layers_share")
+        if share is not None and len(share) == layers:
+            out[mode] = round(med["none"] / sum(p * med[f"k{k}"] for k, p in enumerate(share)), 4)
+    return out
 
 
 def build(args: argparse.Namespace, device: torch.device) -> tuple[MainPolicy, RFSQTokenizer, RFSQDraftModelWithProjection]:
@@ -212,9 +226,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eager_tokens = [eager.predict(o).tokens for o in obs] if args.compile else None  # what compiling changes
     compile_start = time.monotonic()
     main_policy = CompiledPolicy(policy, max_words=words) if args.compile else policy
-    plain_engine = RSDEngine(main_policy, tokenizer)
+    decoder = CompiledTokenizer(tokenizer, device) if args.compile else tokenizer  # the decode on the GPU too
+    plain_engine = RSDEngine(main_policy, decoder)
     pinned_draft = PinnedDraft(CompiledDraft(draft) if args.compile else draft)
-    spec_engine = RSDEngine(main_policy, tokenizer, pinned_draft, EngineConfig(mode="strict"))
+    spec_engine = RSDEngine(main_policy, decoder, pinned_draft, EngineConfig(mode="strict"))
     prompt = policy.config.num_visual_tokens + 1 + words + 1
 
     # no draft alone first: its peak memory without the draft
@@ -308,8 +323,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ms_by_accepted_layers": {str(k): round(med[f"k{k}"], 3) for k in range(K)},
         "no_draft_ms_interleaved": round(med["none"], 3),
         "speedup_by_accepted_layers": {str(k): round(med["none"] / med[f"k{k}"], 4) for k in range(K)},
+        # each mode's shares of the LIBERO benchmark applied to the per-k medians above: expected ms per call
+        "speedup_at_benchmark_shares": benchmark_shares_speedup(args.bench, med, K),
         "draft_model_ms": round(float(np.median([s["draft_ms"] for v in variants[1:] for s in stats[v]])), 3),
         "main_passes_by_accepted_layers": {str(k): stats[f"k{k}"][0]["main_passes"] for k in range(K)},
+        # where a call's time goes (median ms per span, rsd.engine.Marks): no draft and each k
+        "breakdown_ms": {v: breakdown(stats[v]) for v in variants},
         "peak_memory_gb_no_draft": round(peak_plain, 3),
         "peak_memory_gb_draft": round(peak_draft, 3),
         "peak_memory_gib_draft": round(peak_draft * 1e9 / 2**30, 3),

@@ -23,7 +23,7 @@ def main() -> None:
     params = load_params()
     base = section(params, "base", BaseConfig)
     config = section(params, "bench", BenchConfig)
-    engines = section(params, "eval", EvalConfig)  # the draft's precision and relaxed tolerance, as evaluated
+    engines = section(params, "eval", EvalConfig)  # the draft's precision, the gate and the relaxed rule, as evaluated
     device = base.torch_device()
     start = time.monotonic()
     observations, recorded = record_observations(

@@ -25,7 +25,7 @@ def engines() -> dict[str, RSDEngine]:
     policy = MainPolicy(PolicyConfig(vocab=build_vocab([INSTRUCTION]), num_layers=4)).eval()
     tokenizer = RFSQTokenizer(TokenizerConfig(num_layers=4), np.full(7, -1.0), np.full(7, 1.0)).eval()
     draft = RFSQDraftModelWithProjection(256, hidden_dim=64, num_heads=4, ff_dim=64)
-    return {mode: RSDEngine(policy, tokenizer, None if mode == "none" else draft, EngineConfig(mode=mode, tolerance=1))
+    return {mode: RSDEngine(policy, tokenizer, None if mode == "none" else draft, EngineConfig(mode=mode, min_ratio=0.1))
             for mode in ("none", "strict", "relaxed")}
 
 
@@ -52,12 +52,37 @@ def test_benchmark_reports_both_modes(engines):
         assert m["main_passes_per_chunk"] == pytest.approx(4 - m["accepted_layers_per_chunk"])
     assert metrics["strict"]["action_mismatches"] == metrics["near_ties"] == 0  # lossless
     assert metrics["token_acceptance"] == metrics["strict"]["token_acceptance"]
-    assert metrics["relaxed"]["tolerance"] == 1 and metrics["relaxed"]["mean_action_deviation"] >= 0
+    assert metrics["relaxed"]["min_ratio"] == 0.1 and metrics["relaxed"]["mean_action_deviation"] >= 0
+    # the acceptance sweep: one entry per ratio, from strict (1) to keep-all (0), kept layers never fewer
+    sweep = metrics["acceptance_sweep"]
+    assert [s["min_ratio"] for s in sweep] == config.min_ratios
+    kept = [s["accepted_layers_per_chunk"] for s in sweep]
+    assert kept == sorted(kept) and kept[-1] == 2 and sweep[-1]["max_action_deviation"] >= 0
+    assert sweep[0]["token_mismatches"] == 0  # ratio 1 keeps only main's own choices
+    # the call's breakdown, and main's one-layer pass beside the draft's call
+    assert set(metrics["strict"]["breakdown_ms"]) == {"inputs", "prefill", "draft", "verify", "passes", "decode", "rest"}
+    assert set(metrics["no_draft"]["breakdown_ms"]) == {"inputs", "prefill", "passes", "decode", "rest"}
+    assert metrics["no_draft"]["layer_pass_ms"] > 0 and metrics["strict"]["draft_model_ms"] > 0
+    assert metrics["gate"] is None and metrics["strict"]["speculated_share"] == 1.0  # ungated
     # the ceiling: a perfect draft has every proposed layer kept, at the real draft's cost
     perfect = metrics["perfect"]
     assert perfect["accepted_layers_per_chunk"] == 2 and perfect["main_passes_per_chunk"] == 2
     assert perfect["token_acceptance"] == 1.0 and perfect["draft_model_ms"] > 0
     assert metrics["speedup_perfect_draft"] == perfect["speedup"]
+
+
+def test_benchmark_reports_how_the_gate_chose(engines):
+    """With a gate, the bench says how often strict speculated and how often that matched what speculating would
+    have kept (the same engine ungated); a gate no draft can pass never speculates."""
+    from rsd.bench import variant
+
+    gated = {**engines, "strict": variant(engines["strict"], min_confidence=1.0)}
+    metrics = benchmark(gated, observations(3), BenchConfig(observations=3, repetitions=1, warmup=0, min_ratios=[1.0]),
+                        progress=False)
+    gate = metrics["gate"]
+    assert gate["min_confidence"] == 1.0 and gate["speculated_share"] == 0.0 == metrics["strict"]["speculated_share"]
+    assert gate["wasted_share"] == 0.0 and gate["right_share"] + gate["missed_share"] == pytest.approx(1.0)
+    assert metrics["strict"]["main_passes_per_chunk"] == 4 and metrics["strict"]["action_mismatches"] == 0
 
 
 def test_benchmark_refuses_missing_engines(engines):
@@ -82,7 +107,7 @@ def test_quotas_spread_observations_over_tasks():
 
 
 @pytest.mark.parametrize("field,value", [("observations", 0), ("repetitions", 0), ("warmup", -1), ("tasks", [10]),
-                                         ("near_tie_margin", 0), ("execute_steps", 9)])
+                                         ("near_tie_margin", 0), ("execute_steps", 9), ("min_ratios", [0.5, 2])])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"bench.{field}"):
         BenchConfig(**{field: value})
@@ -129,7 +154,7 @@ def test_rsd_bench_times_checkpoints_from_a_file(tmp_path):
     MainPolicy(config, RFSQTokenizer.load(tmp_path / "tokenizer.pt").fingerprint()).save(tmp_path / "policy.pt")
     save_draft(tmp_path / "draft.pt")
     save_observations(tmp_path / "obs.npz", observations(3))
-    (tmp_path / "params.yaml").write_text("bench: {repetitions: 2, warmup: 1}\neval: {tolerance: 2}\n")
+    (tmp_path / "params.yaml").write_text("bench: {repetitions: 2, warmup: 1}\neval: {min_ratio: 0.05}\n")
     args = ["bench", "--label", "tiny", "--observations", str(tmp_path / "obs.npz"), "--policy", str(tmp_path / "policy.pt"),
             "--tokenizer", str(tmp_path / "tokenizer.pt"), "--draft", str(tmp_path / "draft.pt"),
             "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out.json")]
@@ -139,7 +164,7 @@ def test_rsd_bench_times_checkpoints_from_a_file(tmp_path):
     eager = metrics["eager"]
     assert metrics["observations"] == eager["observations"] == 3 and "compiled" not in metrics
     assert metrics["checkpoints"] == "tiny" and len(metrics["checkpoint_sha256"]["policy"]) == 64
-    assert eager["action_mismatches"] == 0 and eager["relaxed"]["tolerance"] == 2 and eager["repetitions"] == 2
+    assert eager["action_mismatches"] == 0 and eager["relaxed"]["min_ratio"] == 0.05 and eager["repetitions"] == 2
     refused = CliRunner().invoke(app, [*args[:-2], "--out", str(tmp_path / "x.json"), "--device", "tpu"])
     assert refused.exit_code != 0 and "expected cpu or cuda" in refused.output
     assert not (tmp_path / "x.json").exists()

@@ -70,8 +70,9 @@ def save_draft(path: Path) -> None:
 
 def save_samples(path: Path) -> None:
     n = 6
-    DraftSamples(torch.randn(n, H), torch.randint(0, 7, (n, 8, 16, 3)), torch.zeros(n, dtype=torch.long),
-                 torch.arange(n), torch.arange(n) * 8, task_names=["pick up the bowl"]).save(path)
+    DraftSamples(torch.randn(n, H), torch.randint(0, 7, (n, 8, 16, 3)), torch.full((n, 3, 128, 7), 1 / 7),
+                 torch.zeros(n, dtype=torch.long), torch.arange(n), torch.arange(n) * 8,
+                 task_names=["pick up the bowl"]).save(path)
 
 
 KINDS: dict[str, tuple[Callable[[Path], None], Callable[[Path], Any], str]] = {

@@ -121,10 +121,11 @@ def test_stage_paths_come_from_the_command_line() -> None:
 
 def test_each_evaluation_depends_on_the_eval_params_its_variant_reads(dvc_yaml: dict) -> None:
     """Every evaluation on every evaluator key; a draft variant also on the keys of its acceptance rule, and
-    on nothing else of `eval`, so moving the relaxed tolerance reruns eval_draft_relaxed alone."""
+    on nothing else of `eval`, so moving the relaxed acceptance ratio reruns eval_draft_relaxed alone."""
     from rsd.evaluation import EvalConfig
 
-    engine_keys = {"none": set(), "strict": {"eval.draft_precision"}, "relaxed": {"eval.draft_precision", "eval.tolerance"}}
+    strict = {"eval.draft_precision", "eval.min_confidence"}
+    engine_keys = {"none": set(), "strict": strict, "relaxed": strict | {"eval.min_ratio"}}
     evaluator = {f"eval.{field.name}" for field in dataclasses.fields(EvalConfig)} - engine_keys["relaxed"]
     for variant, mode in {"no_draft": "none", "draft": "strict", "draft_relaxed": "relaxed"}.items():
         params = {p for p in dvc_yaml["stages"][f"eval_{variant}"]["params"] if p.startswith("eval.")}

@@ -6,6 +6,7 @@ so a draft that learns anything beats chance (1/7) by far.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,8 +31,8 @@ SMALL = dict(hidden_dim=64, num_heads=4, ff_dim=64, dropout=0.0)  # a draft that
 
 
 def synthetic_tensors(num_tasks: int, episodes_per_task: int, steps: int, seed: int) -> dict[str, torch.Tensor]:
-    """One policy call per 8-step chunk, stacked as `DraftSamples` takes them (hidden_state, coarse_tokens, task,
-    episode, step); episodes are numbered per task (episode 0 exists in every task)."""
+    """One policy call per 8-step chunk, stacked as `DraftSamples` takes them (hidden_state, coarse_tokens,
+    coarse_probs, task, episode, step); episodes are numbered per task (episode 0 exists in every task)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1, (num_tasks, 2, H))  # (task, phase) -> hidden-state centre
     codes = rng.integers(0, 7, (num_tasks, 2, 8, 16, 3))  # (task, phase) -> coarse tokens
@@ -44,8 +45,15 @@ def synthetic_tensors(num_tasks: int, episodes_per_task: int, steps: int, seed: 
                 coarse.append(codes[task, phase])
                 calls.append((task, episode, step))
     task, episode, step = torch.tensor(calls).T
-    return {"hidden_state": torch.from_numpy(np.stack(hidden)), "coarse_tokens": torch.from_numpy(np.stack(coarse)),
-            "task": task, "episode": episode, "step": step}
+    tokens = torch.from_numpy(np.stack(coarse))
+    return {"hidden_state": torch.from_numpy(np.stack(hidden)), "coarse_tokens": tokens,
+            "coarse_probs": main_probs(tokens), "task": task, "episode": episode, "step": step}
+
+
+def main_probs(tokens: torch.Tensor, sure: float = 0.76) -> torch.Tensor:
+    """Coarse tokens [N, 8, 16, C] -> probabilities [N, C, 128, 7] a main policy this sure of its codes gives."""
+    one_hot = torch.nn.functional.one_hot(tokens.long().flatten(1, 2).transpose(1, 2), 7).float()  # [N, C, 128, 7]
+    return one_hot * (sure - (1 - sure) / 6) + (1 - sure) / 6
 
 
 def synthetic_samples(seed: int = 0) -> DraftSamples:
@@ -99,6 +107,8 @@ def test_samples_save_load_shapes_and_dtypes(tmp_path: Path) -> None:
     assert len(data) == 12 and data.hidden_size == H and data.task_names == ["a", "b"]
     assert data.hidden_state.dtype == torch.float16 and data.hidden_state.shape == (12, H)
     assert data.coarse_tokens.dtype == torch.uint8 and data.coarse_tokens.shape == (12, 8, 16, 3)
+    assert data.coarse_probs.dtype == torch.float16 and data.coarse_probs.shape == (12, 3, 128, 7)
+    torch.testing.assert_close(data.coarse_probs.float(), tensors["coarse_probs"], rtol=1e-3, atol=1e-3)
     assert (data.task.dtype, data.episode.dtype, data.step.dtype) == (torch.int16, torch.int32, torch.int32)
     torch.testing.assert_close(data.hidden_state.float(), tensors["hidden_state"], rtol=1e-3, atol=1e-3)
     assert torch.equal(data.coarse_tokens.long(), tensors["coarse_tokens"])
@@ -123,6 +133,10 @@ def test_samples_join_and_refuse_bad_tensors() -> None:
         DraftSamples(**{**tensors, "step": tensors["step"][:1]})
     with pytest.raises(ValueError, match="task indices"):
         DraftSamples(**synthetic_tensors(2, 1, 2, 0), task_names=["only one"])
+    with pytest.raises(ValueError, match=r"coarse_probs must be float \[N, C, 128, levels\]"):
+        DraftSamples(**{**tensors, "coarse_probs": tensors["coarse_probs"][:, :2]})
+    with pytest.raises(ValueError, match=r"coarse_probs must be probabilities in \[0, 1\]"):
+        DraftSamples(**{**tensors, "coarse_probs": tensors["coarse_probs"] * 2})
 
 
 def test_samples_load_errors_name_the_file(tmp_path: Path) -> None:
@@ -234,6 +248,10 @@ def test_training_learns_and_returns_the_checkpoint(trained: dict[str, Any]) -> 
     assert set(metrics) >= {"best_val_accuracy", "val_accuracies_per_layer", "best_epoch", "epochs", "train_seconds",
                             "parameters", "layer_exact_match", "train_samples", "val_samples"}
     assert list(trained["checkpoint"]) == list(REQUIRED_KEYS)
+    # the gate's calibration on held-out samples: a higher bar speculates on fewer calls
+    calibration = metrics["gate_calibration"]
+    shares = [row["speculated_share"] for row in calibration]
+    assert len(calibration) == 9 and shares == sorted(shares, reverse=True) and 0 <= shares[-1] <= shares[0] <= 1
     ckpt = torch.load(trained["path"], weights_only=False)
     assert set(ckpt) == CHECKPOINT_KEYS
     assert ckpt["epoch"] == metrics["best_epoch"]
@@ -273,6 +291,23 @@ def test_training_writes_nothing_is_deterministic_and_checks_its_inputs(tmp_path
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()  # same seed, same bytes
     with pytest.raises(ValueError, match="codes up to 6 vs levels=3"):
         train_draft(samples, DraftTrainConfig(model={**SMALL, "levels": 3}, epochs=1, batch_size=8))
+
+
+def test_a_conditioned_draft_trains_with_distillation_and_verifies(tmp_path: Path) -> None:
+    """The draft that reads main's layer 0 and learns from main's probabilities too: it learns, its checkpoint
+    rebuilds from itself and passes verify, and the distillation term changes what is learnt."""
+    samples = synthetic_samples()
+    config = DraftTrainConfig(model={**SMALL, "condition_on_layer0": True}, epochs=8, batch_size=16, lr=5e-3, seed=0)
+    checkpoint, metrics = train_draft(samples, dataclasses.replace(config, distill_weight=1.0))
+    assert metrics["best_val_accuracy"] > 0.7 and checkpoint["config"]["condition_on_layer0"] is True
+    save_torch(tmp_path / "draft.pt", checkpoint)
+    assert verify_checkpoint(tmp_path / "draft.pt", 0.5, input_dim=H)["passed"]
+    model, _ = load_draft(tmp_path / "draft.pt")
+    assert model(torch.randn(1, H), torch.zeros(1, 128, dtype=torch.long)).shape == (1, 3, 128, 7)
+    hard_only, _ = train_draft(samples, config)
+    assert not torch.equal(hard_only["model_state_dict"]["head.weight"], checkpoint["model_state_dict"]["head.weight"])
+    with pytest.raises(ValueError, match="train.distill_weight must be a number >= 0, got -1"):
+        DraftTrainConfig(distill_weight=-1)
 
 
 # ---- verify -------------------------------------------------------------------------------------------

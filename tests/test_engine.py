@@ -20,15 +20,16 @@ INSTRUCTION = "pick up the black bowl and place it on the plate"
 
 
 class ScriptedDraft(torch.nn.Module):
-    """A stand-in draft that proposes given codes, to drive every acceptance path on purpose."""
+    """A stand-in draft that proposes given codes, to drive every acceptance path on purpose; `sureness` sets
+    its logits' scale, so its top-1 probability per code is e^s / (e^s + 6)."""
 
-    def __init__(self, hidden: int, proposal: torch.Tensor) -> None:
+    def __init__(self, hidden: int, proposal: torch.Tensor, sureness: float = 10.0) -> None:
         super().__init__()
         self.config = SimpleNamespace(input_dim=hidden, num_coarse_layers=proposal.shape[1], hidden_dim=512)
-        self.proposal = proposal
+        self.proposal, self.sureness = proposal, sureness
 
-    def propose(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proposal
+    def logits(self, hidden: torch.Tensor, layer0: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(self.proposal, 7).float() * self.sureness
 
 
 @pytest.fixture(scope="module")
@@ -87,27 +88,93 @@ def test_lean_draft_matches_the_draft_model():
     with torch.no_grad():
         expected = draft(hidden)
     assert torch.allclose(lean.logits(hidden), expected, atol=1e-5)
-    assert torch.equal(lean.propose(hidden), draft.propose(hidden))
+    assert torch.equal(lean.logits(hidden).argmax(-1), draft.propose(hidden))
     assert isinstance(proposer(draft).__self__, LeanDraft)
     scripted = ScriptedDraft(96, torch.zeros(1, 3, 128, dtype=torch.long))
-    assert LeanDraft.from_draft(scripted) is None and proposer(scripted) == scripted.propose  # the module's own
+    assert LeanDraft.from_draft(scripted) is None and proposer(scripted) == scripted.logits  # the stand-in's own
 
 
-def test_relaxed_accepts_codes_within_tolerance(parts):
+def test_a_draft_conditioned_on_layer0_reads_it_and_its_lean_form_agrees():
+    from rsd.draft.model import LeanDraft, RFSQDraftModelWithProjection
+
+    torch.manual_seed(2)
+    draft = RFSQDraftModelWithProjection(96, hidden_dim=64, num_heads=4, ff_dim=128, condition_on_layer0=True).eval()
+    hidden, layer0 = torch.randn(3, 96), torch.randint(0, 7, (3, 128))
+    lean = LeanDraft.from_draft(draft)
+    assert lean is not None
+    with torch.no_grad():
+        expected = draft(hidden, layer0)
+        other = draft(hidden, (layer0 + 1) % 7)
+    assert expected.shape == (3, 3, 128, 7) and not torch.allclose(expected, other)  # layer 0 moves the logits
+    assert torch.allclose(lean.logits(hidden, layer0), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="reads main's layer-0 codes"):
+        draft(hidden)
+    plain = RFSQDraftModelWithProjection(96, hidden_dim=64, num_heads=4, ff_dim=128)
+    assert "layer0_embed.weight" not in plain.state_dict()  # the seed's draft keeps its keys
+
+
+def _second_choice(logits: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, float]:
+    """Layer logits [128, 7] -> main's second choice at `positions` (its top choice elsewhere), and the least
+    probability ratio second / top among them."""
+    top2 = logits.topk(2, dim=-1)
+    codes = top2.indices[:, 0].clone()
+    codes[positions] = top2.indices[positions, 1]
+    ratios = (top2.values[positions, 1] - top2.values[positions, 0]).exp()
+    return codes, float(ratios.min())
+
+
+def test_relaxed_keeps_a_layer_whose_codes_main_finds_plausible(parts):
+    """min_ratio moves acceptance from strict (1) to keep-all (0): a layer with some codes at main's second choice is
+    kept exactly when the least of their probability ratios reaches it."""
     policy, tokenizer = parts
     inputs = observation(10)
-    truth = plain_codes(policy, tokenizer, inputs)
+    plain_engine = RSDEngine(policy, tokenizer)
+    logits = plain_engine.plain_logits(inputs)  # [4, 128, 7], no-draft decoding's
+    truth = logits.argmax(-1)[None]  # [1, 4, 128]
     proposal = truth[:, :3].clone()
-    layer1 = proposal[:, 1, :5]
-    proposal[:, 1, :5] = torch.where(layer1 < 6, layer1 + 1, layer1 - 1)  # five codes one level off
-    proposal[:, 2, 7] = (proposal[:, 2, 7] + 3) % 7  # three or four levels off: beyond the tolerance
-    relaxed = RSDEngine(policy, tokenizer, ScriptedDraft(256, proposal), EngineConfig(mode="relaxed", tolerance=1))
-    strict = RSDEngine(policy, tokenizer, ScriptedDraft(256, proposal), EngineConfig(mode="strict"))
-    kept = relaxed.predict(inputs)
+    proposal[0, 1], ratio = _second_choice(logits[1], [3, 40, 77, 100, 127])  # five codes at main's second choice
+    proposal[0, 2, 9] = logits[2, 9].argmin()  # main's least likely code: only keep-all keeps layer 2
+
+    def run(mode: str, min_ratio: float) -> dict:
+        engine = RSDEngine(policy, tokenizer, ScriptedDraft(256, proposal), EngineConfig(mode=mode, min_ratio=min_ratio))
+        return engine.predict(inputs)
+
+    kept = run("relaxed", ratio * 0.9)
     assert kept.stats["accepted_layers"] == 1 and kept.stats["main_passes"] == 3
     # the codes decoded are main's own: layer 1 exactly no-draft's, later layers conditioned on the draft's
     assert torch.equal(kept.tokens[..., :2].flatten(0, 1).T, truth[0, :2])
-    assert strict.predict(inputs).stats["accepted_layers"] == 0
+    assert run("relaxed", min(1.0, ratio * 1.1)).stats["accepted_layers"] == 0
+    assert run("relaxed", 1.0).stats["accepted_layers"] == 0 == run("strict", 0.0).stats["accepted_layers"]
+    assert run("relaxed", 0.0).stats["accepted_layers"] == 2  # every proposal
+
+
+def test_the_gate_skips_speculation_when_the_draft_is_unsure(parts):
+    """Below min_confidence the call decodes as without a draft: same tokens, every main pass, no verify pass."""
+    policy, tokenizer = parts
+    inputs = observation(11)
+    truth = plain_codes(policy, tokenizer, inputs)
+    sure, unsure = ScriptedDraft(256, truth[:, :3], sureness=10.0), ScriptedDraft(256, truth[:, :3], sureness=1.0)
+    config = EngineConfig(mode="strict", min_confidence=0.5)  # sureness 1: top-1 probability e / (e + 6) = 0.31
+    skipped = RSDEngine(policy, tokenizer, unsure, config).predict(inputs)
+    taken = RSDEngine(policy, tokenizer, sure, config).predict(inputs)
+    assert skipped.stats["speculated"] == 0 and skipped.stats["main_passes"] == 4 and skipped.stats["verify_ms"] == 0.0
+    assert taken.stats["speculated"] == 1 and taken.stats["accepted_layers"] == 2
+    for prediction in (skipped, taken):
+        assert torch.equal(prediction.tokens.flatten(0, 1).T[None], truth)
+        assert prediction.stats["token_acceptance"] == 1.0  # measured either way, against main's own codes
+
+
+def test_a_call_reports_where_its_time_went(parts):
+    policy, tokenizer = parts
+    inputs = observation(12)
+    truth = plain_codes(policy, tokenizer, inputs)
+    for engine, spans in ((RSDEngine(policy, tokenizer), ("inputs", "prefill", "passes", "decode")),
+                          (RSDEngine(policy, tokenizer, ScriptedDraft(256, truth[:, :3]), EngineConfig(mode="strict")),
+                           ("inputs", "prefill", "draft", "verify", "passes", "decode"))):
+        stats = engine.predict(inputs).stats
+        times = [stats[f"{name}_ms"] for name in spans]
+        assert all(t >= 0 for t in times) and sum(times) <= stats["total_ms"]
+        assert stats["main_ms"] == pytest.approx(stats["prefill_ms"] + stats.get("verify_ms", 0.0) + stats["passes_ms"])
 
 
 def test_engine_refuses_mismatched_parts(parts):
@@ -120,8 +187,10 @@ def test_engine_refuses_mismatched_parts(parts):
         EngineConfig(mode="fast")
     with pytest.raises(ValueError, match="eval.draft_precision must be one of auto, fp32, bf16, got 'fp16'"):
         EngineConfig(mode="strict", draft_precision="fp16")
-    with pytest.raises(ValueError, match="eval.tolerance must be an int, got 1.5"):
-        EngineConfig(mode="relaxed", tolerance=1.5)
+    with pytest.raises(ValueError, match=re.escape("eval.min_ratio must be a number in [0, 1], got 1.5")):
+        EngineConfig(mode="relaxed", min_ratio=1.5)
+    with pytest.raises(ValueError, match=re.escape("eval.min_confidence must be a number in [0, 1], got -0.1")):
+        EngineConfig(mode="strict", min_confidence=-0.1)
 
 
 def test_engine_refuses_a_tokenizer_the_policy_was_not_trained_on(parts, tmp_path):
@@ -149,12 +218,12 @@ def test_engine_refuses_a_tokenizer_the_policy_was_not_trained_on(parts, tmp_pat
 
 
 def test_eval_params_configure_the_draft_engines():
-    config = EvalConfig(tolerance=2, draft_precision="bf16", init_states=6)
+    config = EvalConfig(min_ratio=0.05, min_confidence=0.2, draft_precision="bf16", init_states=6)
     engine = config.engine_config("relaxed")
-    assert (engine.mode, engine.tolerance, engine.draft_precision) == ("relaxed", 2, "bf16")
-    assert EvalConfig().engine_config("strict") == EngineConfig(mode="strict", tolerance=1, draft_precision="auto")
-    with pytest.raises(ValueError, match="eval.tolerance must be a non-negative int, got -1"):
-        EvalConfig(tolerance=-1)
+    assert (engine.mode, engine.min_ratio, engine.min_confidence, engine.draft_precision) == ("relaxed", 0.05, 0.2, "bf16")
+    assert EvalConfig().engine_config("strict") == EngineConfig(mode="strict", min_ratio=0.1, draft_precision="auto")
+    with pytest.raises(ValueError, match=re.escape("eval.min_ratio must be a number in [0, 1], got -1")):
+        EvalConfig(min_ratio=-1)
     with pytest.raises(ValueError, match="eval.draft_precision must be one of auto, fp32, bf16, got 'int8'"):
         EvalConfig(draft_precision="int8")
     with pytest.raises(ValueError, match="eval.mode must be one of none, strict, relaxed, got 'fast'"):

@@ -38,8 +38,8 @@ class ForcedDraft(torch.nn.Module):
         self.config = SimpleNamespace(input_dim=hidden, num_coarse_layers=3, hidden_dim=512)
         self.proposal = torch.zeros(1, 3, 128, dtype=torch.long)
 
-    def propose(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proposal
+    def logits(self, hidden: torch.Tensor, layer0: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(self.proposal, 7).float()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_strict_mode_with_a_real_draft_model(parts, observations, precision):
     draft = RFSQDraftModelWithProjection(policy.config.backbone.hidden_size, hidden_dim=128, num_heads=4, ff_dim=256)
     plain_engine = RSDEngine(policy, tokenizer)
     strict = RSDEngine(policy, tokenizer, draft, EngineConfig(mode="strict", draft_precision=precision))
-    assert strict._propose.__self__.__class__.__name__ == "LeanDraft"
+    assert strict._draft_logits.__self__.__class__.__name__ == "LeanDraft"
     expected = torch.bfloat16 if precision == "bf16" else torch.float32
     assert strict.draft.input_projection.weight.dtype == expected
     assert draft.input_projection.weight.dtype == torch.float32

@@ -43,6 +43,11 @@ class DraftConfig(Config):
     """Levels per code (codes 0..levels-1), the RFSQ tokenizer's."""
     dropout: float = 0.1
     """Dropout inside the decoder layer, during training only."""
+    condition_on_layer0: bool = False
+    """Read main's layer-0 codes besides the hidden state (they are exact after the prefill, before the
+    draft runs, as an EAGLE draft reads the sampled token beside the target's feature): their summed
+    (position, code) embedding is added to the projected hidden state. Main's later layers follow its
+    layer 0 code for code, so the draft need not guess it first."""
 
     def validate(self) -> None:
         """Refuse a config that would build a broken model (checkpoints are checked through here too)."""
@@ -99,6 +104,9 @@ class DraftTrainConfig(Config):
     half cosine down to 0 at the last step (the same epochs reach a higher validation accuracy)."""
     weight_decay: float = 0.01
     """AdamW decoupled weight decay (torch's default)."""
+    distill_weight: float = 0.0
+    """Weight of distillation beside the hard-code cross entropy: the KL divergence from main's probabilities of
+    each coarse code (recorded by collect) to the draft's, per code. 0 trains on main's codes alone."""
     val_fraction: float = 0.1
     """Share of EPISODES held out for validation: consecutive calls of one episode see near-identical
     hidden states, so a split by sample would leak validation into training."""
@@ -115,6 +123,7 @@ class DraftTrainConfig(Config):
             self.check(getattr(self, name) >= 1, name, "a positive int")
         self.check(self.lr > 0, "lr", "a number > 0")
         self.check(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        self.check(self.distill_weight >= 0, "distill_weight", "a number >= 0")
         self.check(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)")
         self.check(self.precision in PRECISIONS, "precision", PRECISIONS_EXPECTED)
         self.check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(map(repr, LR_SCHEDULES)))

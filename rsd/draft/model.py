@@ -15,9 +15,12 @@ synthetic teacher (H = 256, 4k samples, 8 epochs) it lifted layer-0 validation a
 Codes of one layer are tokens[..., l] of a chunk's tokens [8, 16, L] flattened timestep-major to [128]
 (index t * 16 + d), the main policy's order.
 
-For inference the engine asks `proposer(draft)` for the draft's `propose`: `LeanDraft`, the same
+With `condition_on_layer0` the context also holds main's layer-0 codes [B, 128] (exact after the
+prefill): context = input_projection(hidden) + sum over positions of layer0_embed(position, code).
+
+For inference the engine asks `proposer(draft)` for the draft's logits function: `LeanDraft`, the same
 function with the query-only products precomputed and the single-token cross-attention folded into one
-matrix, whenever it reproduces the model's logits; the model's own `propose` otherwise.
+matrix, whenever it reproduces the model's logits; the model itself otherwise.
 """
 from __future__ import annotations
 
@@ -81,23 +84,37 @@ class RFSQDraftModelWithProjection(nn.Module):
         self.input_projection = nn.Linear(c.input_dim, c.hidden_dim)
         self.decoder = DraftDecoder(c)
         self.head = nn.Linear(c.hidden_dim, c.latent_dim * c.levels)  # shared by all queries
+        if c.condition_on_layer0:  # registered last: an unconditioned draft's state dict keeps its keys
+            self.layer0_embed = nn.Embedding(c.codes_per_layer * c.levels, c.hidden_dim)  # row = position * levels + code
+            nn.init.normal_(self.layer0_embed.weight, std=0.02 / c.codes_per_layer ** 0.5)  # the sum has std ~0.02
+            self.register_buffer("code_offsets", torch.arange(c.codes_per_layer) * c.levels, persistent=False)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """hidden [B, input_dim] -> logits [B, num_coarse_layers, chunk_len * latent_dim, levels]."""
-        c = self.config
+    def context(self, hidden: Tensor, layer0: Tensor | None) -> Tensor:
+        """hidden [B, input_dim] (+ main's layer-0 codes [B, 128] if the draft reads them) -> context [B, D]."""
         hidden = hidden.to(self.input_projection.weight.dtype)  # the engine may run the draft in bf16
-        x = self.decoder(self.input_projection(hidden))  # [B, Q, D], Q = layers x timesteps, layer-major
+        context = self.input_projection(hidden)
+        if not self.config.condition_on_layer0:
+            return context
+        if layer0 is None:
+            raise ValueError("this draft reads main's layer-0 codes (condition_on_layer0): pass layer0 [B, 128]")
+        return context + self.layer0_embed(layer0.long() + self.code_offsets).sum(dim=-2)
+
+    def forward(self, hidden: Tensor, layer0: Tensor | None = None) -> Tensor:
+        """hidden [B, input_dim], main's layer-0 codes [B, 128] (read only with `condition_on_layer0`) ->
+        logits [B, num_coarse_layers, chunk_len * latent_dim, levels]."""
+        c = self.config
+        x = self.decoder(self.context(hidden, layer0))  # [B, Q, D], Q = layers x timesteps, layer-major
         logits = self.head(x)  # [B, Q, latent_dim * levels]
         return logits.view(-1, c.num_coarse_layers, c.codes_per_layer, c.levels)  # (t, d, k) -> (t*16+d, k)
 
     @torch.no_grad()
-    def propose(self, hidden: Tensor) -> Tensor:
-        """Greedy draft: hidden [B, input_dim] -> codes long [B, num_coarse_layers, 128]."""
-        return self(hidden).argmax(dim=-1)
+    def propose(self, hidden: Tensor, layer0: Tensor | None = None) -> Tensor:
+        """Greedy draft: hidden [B, input_dim] (and layer0 [B, 128]) -> codes long [B, num_coarse_layers, 128]."""
+        return self(hidden, layer0).argmax(dim=-1)
 
 
 class LeanDraft:
-    """`RFSQDraftModelWithProjection.propose` with less work per call, for inference.
+    """`RFSQDraftModelWithProjection`'s forward with less work per call, for inference.
 
     The draft's decoder layer (post-norm, as torch's `TransformerDecoderLayer` defaults to) sees
     `tgt = queries + context` and a memory of ONE token, the context. Two facts make it cheap:
@@ -129,12 +146,11 @@ class LeanDraft:
             self.context_w = torch.cat([sa.in_proj_weight, cross_w]).contiguous()  # [4D, D]
             self.context_b = torch.cat([sa.in_proj_bias, cross_b]).contiguous()  # [4D]
         self.queries = queries.detach()
-        self.proj, self.sa_out = draft.input_projection, sa.out_proj
+        self.context, self.sa_out = draft.context, sa.out_proj
         self.norm1, self.norm2, self.norm3 = layer.norm1, layer.norm2, layer.norm3
         self.linear1, self.linear2, self.head = layer.linear1, layer.linear2, draft.head
         self.heads, self.hidden_dim = sa.num_heads, D
         self.shape = (c.num_coarse_layers, c.codes_per_layer, c.levels)
-        self.dtype = draft.input_projection.weight.dtype
 
     @classmethod
     def from_draft(cls, draft: Any) -> LeanDraft | None:
@@ -146,11 +162,12 @@ class LeanDraft:
         if layer.norm_first or layer.activation is not F.gelu or not layer.self_attn._qkv_same_embed_dim:
             return None
         lean = cls(draft)
-        weight = draft.input_projection.weight
+        c, weight = draft.config, draft.input_projection.weight
         generator = torch.Generator().manual_seed(0)
-        probe = torch.randn(4, draft.config.input_dim, generator=generator).to(weight.device, weight.dtype)
+        probe = torch.randn(4, c.input_dim, generator=generator).to(weight.device, weight.dtype)
+        layer0 = torch.randint(0, c.levels, (4, c.codes_per_layer), generator=generator).to(weight.device)
         with torch.inference_mode():
-            expected, got = draft.eval()(probe).float(), lean.logits(probe).float()
+            expected, got = draft.eval()(probe, layer0).float(), lean.logits(probe, layer0).float()
         atol = 1e-3 if weight.dtype == torch.float32 else 3e-2
         scale = float(expected.abs().max()) + 1e-6
         if not torch.allclose(got, expected, atol=atol * scale, rtol=0):
@@ -159,10 +176,11 @@ class LeanDraft:
             return None
         return lean
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """hidden [B, input_dim] -> logits [B, K, 128, levels], as the draft model's forward (eval mode)."""
+    def logits(self, hidden: Tensor, layer0: Tensor | None = None) -> Tensor:
+        """hidden [B, input_dim] (and main's layer-0 codes [B, 128]) -> logits [B, K, 128, levels], as the
+        draft model's forward (eval mode)."""
         D = self.hidden_dim
-        context = self.proj(hidden.to(self.dtype))  # [B, D]
+        context = self.context(hidden, layer0)  # [B, D]
         shared = F.linear(context, self.context_w, self.context_b)  # [B, 4D]: q, k, v shares + cross row
         qkv = self.query_qkv + shared[:, None, : 3 * D]  # [B, Q, 3D]
         B, Q = qkv.shape[:2]
@@ -173,14 +191,10 @@ class LeanDraft:
         x = self.norm3(x + self.linear2(F.gelu(self.linear1(x))))
         return self.head(x).view(B, *self.shape)
 
-    def propose(self, hidden: Tensor) -> Tensor:
-        """Greedy draft: hidden [B, input_dim] -> codes long [B, K, 128]."""
-        return self.logits(hidden).argmax(dim=-1)
-
 
 def in_precision(draft: Any, dtype: torch.dtype) -> Any:
     """`draft` in eval mode and, if it is a draft model of another precision, a copy of it in `dtype` (the
-    caller's model stays as it was). A stand-in draft (anything with `config` and `propose`) is kept as is."""
+    caller's model stays as it was). A stand-in draft (anything with `config` and `logits`) is kept as is."""
     if isinstance(draft, nn.Module):
         draft.eval()
     if isinstance(draft, RFSQDraftModelWithProjection) and draft.input_projection.weight.dtype != dtype:
@@ -188,11 +202,17 @@ def in_precision(draft: Any, dtype: torch.dtype) -> Any:
     return draft
 
 
-def proposer(draft: Any) -> Callable[[Tensor], Tensor]:
-    """What proposes for `draft` at inference: hidden [B, input_dim] -> codes long [B, K, 128]. The lean path
-    when it reproduces the model's logits, else the draft's own `propose`."""
+DraftLogits = Callable[[Tensor, Tensor], Tensor]
+"""A draft at inference: hidden [B, input_dim], main's layer-0 codes [B, 128] -> logits [B, K, 128, levels]."""
+
+
+def proposer(draft: Any) -> DraftLogits:
+    """What proposes for `draft` at inference: the lean path when it reproduces the model's logits, else the
+    model itself; a stand-in draft (anything with `config` and `logits`) its own `logits`."""
+    if not isinstance(draft, RFSQDraftModelWithProjection):
+        return draft.logits
     lean = LeanDraft.from_draft(draft)
-    return lean.propose if lean is not None else draft.propose
+    return lean.logits if lean is not None else draft
 
 
 def num_parameters(model: nn.Module) -> int:

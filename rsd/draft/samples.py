@@ -5,6 +5,8 @@ tensors (not a list of per-call dicts), so 60k samples load in seconds and index
 
     hidden_state   float16 [N, H]          (float32 only if a value exceeds float16's range, see below)
     coarse_tokens  uint8   [N, 8, 16, C]   codes 0..6 of the first C residual layers (C = 3)
+    coarse_probs   float16 [N, C, 128, 7]  main's probability of each level of those codes, as it decoded them
+                                           (layer-major, codes timestep-major: the draft's logits' layout)
     task           int16   [N]             index into task_names
     episode        int32   [N]             episode number (an episode is the pair (task, episode))
     step           int32   [N]             env step of the policy call within its episode
@@ -12,7 +14,8 @@ tensors (not a list of per-call dicts), so 60k samples load in seconds and index
 float16 for the hidden state halves the file (60k x 4096 x 2 B = 0.5 GB instead of 1 GB). Its relative
 rounding error (< 5e-4) is far below anything that moves the draft's argmax, and the hidden state is
 the output of the main policy's final RMSNorm, so it lies far inside float16's range (|x| <= 65504);
-should a value not, the samples keep float32 rather than store inf.
+should a value not, the samples keep float32 rather than store inf. Main's probabilities are what draft
+training distills from besides the hard codes (how sure main was of each code).
 """
 from __future__ import annotations
 
@@ -27,9 +30,9 @@ from rsd.data import split_episodes
 from rsd.io import load_torch, save_torch
 
 FORMAT = "rsd.draft_samples"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: coarse_probs
 FLOAT16_MAX = 65504.0
-_TENSORS = ("hidden_state", "coarse_tokens", "task", "episode", "step")
+_TENSORS = ("hidden_state", "coarse_tokens", "coarse_probs", "task", "episode", "step")
 
 
 def _compact_hidden(hidden: Tensor) -> Tensor:
@@ -62,8 +65,8 @@ def _own_storage(t: Tensor) -> Tensor:
 class DraftSamples:
     """Stacked draft samples: one tensor per field (see the module docstring), `len(data)` their count."""
 
-    def __init__(self, hidden_state: Tensor, coarse_tokens: Tensor, task: Tensor, episode: Tensor, step: Tensor,
-                 task_names: Sequence[str] = ()) -> None:
+    def __init__(self, hidden_state: Tensor, coarse_tokens: Tensor, coarse_probs: Tensor, task: Tensor, episode: Tensor,
+                 step: Tensor, task_names: Sequence[str] = ()) -> None:
         """Check shapes and value ranges and store compactly (see the module docstring for the dtypes)."""
         if hidden_state.ndim != 2 or hidden_state.shape[0] < 1 or hidden_state.shape[1] < 1:
             raise ValueError(f"hidden_state must be [N, H] with N, H >= 1, got {list(hidden_state.shape)}")
@@ -74,9 +77,18 @@ class DraftSamples:
         if coarse_tokens.is_floating_point() or not (int(coarse_tokens.min()) >= 0 and int(coarse_tokens.max()) <= 255):
             raise ValueError(f"coarse_tokens must be integer codes in 0..255, got {coarse_tokens.dtype} "
                              f"{int(coarse_tokens.min())}..{int(coarse_tokens.max())}")
+        _, chunk_len, latent_dim, layers = coarse_tokens.shape
+        expected = (n, layers, chunk_len * latent_dim)
+        if coarse_probs.ndim != 4 or coarse_probs.shape[:3] != expected or not coarse_probs.is_floating_point():
+            raise ValueError(f"coarse_probs must be float [N, C, 128, levels] with [N, C, 128] = {list(expected)}, "
+                             f"got {coarse_probs.dtype} {list(coarse_probs.shape)}")
+        low, high = (float(v) for v in torch.aminmax(coarse_probs))
+        if not (0 <= low and high <= 1):  # NaN fails too
+            raise ValueError(f"coarse_probs must be probabilities in [0, 1], got {low}..{high}")
         self.task_names = [str(name) for name in task_names]
         self.hidden_state = _compact_hidden(hidden_state)  # [N, H]
         self.coarse_tokens = coarse_tokens.to(torch.uint8)  # [N, 8, 16, C]
+        self.coarse_probs = coarse_probs.to(torch.float16)  # [N, C, 128, levels]
         self.task = _as_int("task", task, n, torch.int16)  # [N]
         self.episode = _as_int("episode", episode, n, torch.int32)  # [N]
         self.step = _as_int("step", step, n, torch.int32)  # [N]

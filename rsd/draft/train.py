@@ -90,9 +90,37 @@ def evaluate(model: RFSQDraftModelWithProjection, hidden: Tensor, targets: Tenso
     for start in range(0, len(hidden), EVAL_BATCH_SIZE):
         x = hidden[start:start + EVAL_BATCH_SIZE].to(device, torch.float32)  # [B, H]
         y = targets[start:start + EVAL_BATCH_SIZE].to(device, torch.long)  # [B, C, 128]
-        logits = model(x)  # [B, C, 128, K]
+        logits = model(x, y[:, 0])  # [B, C, 128, K]; layer 0 is read only by a draft conditioned on it
         tally.add(logits, y, F.cross_entropy(logits.flatten(0, 2), y.flatten()))
     return tally
+
+
+GATE_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+"""Confidences at which `gate_calibration` reports what the engine's gate (eval.min_confidence) would do."""
+
+
+@torch.no_grad()
+def gate_calibration(model: RFSQDraftModelWithProjection, hidden: Tensor, targets: Tensor, device: torch.device
+                     ) -> list[dict[str, float]]:
+    """What the engine's gate would do on held-out samples: for each threshold of the draft's confidence (its
+    smallest top-1 probability over its layer-1 codes), the share of calls that reach it and how often their
+    layer 1 equals main's whole (what strict acceptance keeps), against the share of all calls that equal it."""
+    model.eval()
+    confidence, exact = [], []
+    for start in range(0, len(hidden), EVAL_BATCH_SIZE):
+        x = hidden[start:start + EVAL_BATCH_SIZE].to(device, torch.float32)  # [B, H]
+        y = targets[start:start + EVAL_BATCH_SIZE].to(device, torch.long)  # [B, C, 128]
+        logits = model(x, y[:, 0])[:, 1].float()  # [B, 128, K] layer 1
+        confidence.append(logits.softmax(-1).amax(-1).amin(-1).cpu())
+        exact.append((logits.argmax(-1) == y[:, 1]).all(-1).cpu())
+    conf, ok = torch.cat(confidence), torch.cat(exact).float()
+    rows = []
+    for threshold in GATE_THRESHOLDS:
+        taken = conf >= threshold
+        rows.append({"min_confidence": threshold, "speculated_share": round(float(taken.float().mean()), 4),
+                     "layer1_exact_when_speculated": round(float(ok[taken].mean()), 4) if taken.any() else None,
+                     "layer1_exact_share_kept": round(float((ok * taken).sum() / ok.sum()), 4) if ok.any() else None})
+    return rows
 
 
 def build_checkpoint(model_state: dict[str, Any], optimizer_state: dict[str, Any], config: DraftConfig, epoch: int,
@@ -123,8 +151,9 @@ def train_draft(samples: DraftSamples, config: DraftTrainConfig, live: Live | No
     accuracy (`build_checkpoint`, on the CPU) and the run's metrics (for metrics/train.json). Nothing is
     written: the caller saves the checkpoint (`rsd.io.save_torch`).
 
-    Cross entropy over all coarse codes, AdamW at a constant or cosine learning rate, validation on held-out
-    episodes after every epoch. `live` (a `dvclive.Live`) gets the same numbers as the log, one step
+    Cross entropy over all coarse codes (plus, with `distill_weight`, the KL divergence from main's recorded
+    probabilities), AdamW at a constant or cosine learning rate, validation on held-out episodes after every
+    epoch. `live` (a `dvclive.Live`) gets the same numbers as the log, one step
     per epoch. Same seed, same device and thread count -> same checkpoint.
     """
     start_time = time.perf_counter()
@@ -134,6 +163,7 @@ def train_draft(samples: DraftSamples, config: DraftTrainConfig, live: Live | No
     C = model_config.num_coarse_layers
     train_idx, val_idx = samples.split_by_episode(config.val_fraction, config.seed)
     targets = coarse_targets(samples.coarse_tokens, C)  # uint8 [N, C, 128]
+    main_probs = samples.coarse_probs[:, :C]  # float16 [N, C, 128, K]
     val_hidden, val_targets = samples.hidden_state[val_idx], targets[val_idx]  # [M, H], [M, C, 128]
 
     torch.manual_seed(config.seed)  # initialisation and dropout
@@ -149,7 +179,7 @@ def train_draft(samples: DraftSamples, config: DraftTrainConfig, live: Live | No
     train_tally = Tally(C)  # the current epoch's training batches
     val_tallies: dict[int, Tally] = {}
 
-    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         nonlocal train_tally
         train_tally = Tally(C)
         order = train_idx[torch.randperm(len(train_idx), generator=generator)]
@@ -157,14 +187,19 @@ def train_draft(samples: DraftSamples, config: DraftTrainConfig, live: Live | No
             idx = order[start:start + B]
             x = samples.hidden_state[idx].to(device, torch.float32)  # [B, H]
             y = targets[idx].to(device, torch.long)  # [B, C, 128]
-            yield x, y
+            p = main_probs[idx].to(device, torch.float32)  # [B, C, 128, K]
+            yield x, y, p
 
-    def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        logits = model(x).float()  # [B, C, 128, K]
-        with torch.autocast(device.type, enabled=False):  # the cross entropy in float32, outside the bf16 forward pass
-            loss = F.cross_entropy(logits.flatten(0, 2), y.flatten())
-        train_tally.add(logits.detach(), y, loss)
+    def loss_fn(batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        x, y, p = batch
+        logits = model(x, y[:, 0]).float()  # [B, C, 128, K]
+        with torch.autocast(device.type, enabled=False):  # the losses in float32, outside the bf16 forward pass
+            hard = F.cross_entropy(logits.flatten(0, 2), y.flatten())
+            loss = hard
+            if config.distill_weight > 0:  # KL(main || draft), per code
+                loss = loss + config.distill_weight * F.kl_div(logits.log_softmax(-1).flatten(0, 2), p.flatten(0, 2),
+                                                               reduction="batchmean")
+        train_tally.add(logits.detach(), y, hard)
         return loss
 
     def evaluate_epoch(epoch: int) -> dict[str, float]:
@@ -189,12 +224,15 @@ def train_draft(samples: DraftSamples, config: DraftTrainConfig, live: Live | No
     assert kept.model_state is not None and kept.optimizer_state is not None  # best_metric keeps both
     val = val_tallies[kept.epoch]
     checkpoint = build_checkpoint(kept.model_state, kept.optimizer_state, model_config, kept.epoch, val)
+    model.load_state_dict(kept.model_state)
+    calibration = gate_calibration(model, val_hidden, val_targets, device)
 
     log.info("Training Complete! Best Val Accuracy: %.3f", kept.metrics["val/acc_avg"])
     return checkpoint, {
         "best_val_accuracy": kept.metrics["val/acc_avg"],
         "val_accuracies_per_layer": val.accuracy,
         "layer_exact_match": val.exact_match,
+        "gate_calibration": calibration,
         "best_epoch": kept.epoch,
         "epochs": E,
         "precision": resolve_precision(config.precision, device.type),

@@ -134,12 +134,14 @@ def verify_checkpoint(path: str | os.PathLike, min_val_accuracy: float,
         skip(("projection_present", "loads_into_fresh_model"), "no model_state_dict or no config")
 
         if model is not None:
-            hidden = torch.randn(4, model.config.input_dim, generator=torch.Generator().manual_seed(0))  # [4, H]
+            generator = torch.Generator().manual_seed(0)
+            hidden = torch.randn(4, model.config.input_dim, generator=generator)  # [4, H]
+            layer0 = torch.randint(0, LEVELS, (4, CODES_PER_LAYER), generator=generator)  # [4, 128] main's layer 0
             with torch.no_grad():
-                shape, expected = tuple(model(hidden[:1]).shape), (1, *CONTRACT_LOGITS)  # [1, C, 128, K]
+                shape, expected = tuple(model(hidden[:1], layer0[:1]).shape), (1, *CONTRACT_LOGITS)  # [1, C, 128, K]
                 report("output_shape", shape == expected, f"[1, {model.config.input_dim}] -> {list(shape)}"
                        + ("" if shape == expected else f", the engine needs {list(expected)}"))
-                logits = model(hidden)  # [4, C, 128, K]
+                logits = model(hidden, layer0)  # [4, C, 128, K]
             bad = int((~torch.isfinite(logits)).sum())
             report("finite_logits", bad == 0,
                    f"{bad} of {logits.numel()} logits are NaN or inf for a random [4, H] input")

@@ -141,6 +141,13 @@ class RFSQTokenizer(nn.Module):
             raise ValueError(f"decode expects {expected}, got k={k}")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= c.levels):
             raise ValueError(f"decode expects codes in 0..{c.levels - 1}, got {tokens.min().item()}..{tokens.max().item()}")
+        return self.decode_normalized_unchecked(tokens)
+
+    def decode_normalized_unchecked(self, tokens: Tensor) -> Tensor:
+        """`decode_normalized` without its checks, which read values back to the host: for a captured CUDA graph
+        (rsd.compiled), whose tokens come from the policy's argmax and are in range by construction."""
+        c = self.config
+        k = tokens.shape[-1]
         lead = tokens.shape[:-3]
         indices = tokens.reshape(-1, c.latent_len * c.latent_dim, k).long()  # [B, 128, k]
         indices = F.pad(indices, (0, c.num_layers - k), value=-1)  # [B, 128, L]; -1 = layer left out
@@ -151,6 +158,11 @@ class RFSQTokenizer(nn.Module):
     def decode(self, tokens: Tensor) -> Tensor:
         """Tokens `[..., 8, 16, k]` of the first k layers (1 <= k <= L) -> raw chunks `[..., 8, 7]`."""
         return self.unnormalize(self.decode_normalized(tokens))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the tokenizer's weights are (tokens to decode go there)."""
+        return self.action_q01.device
 
     # --- checkpoints -------------------------------------------------------------------------------------
 
