@@ -77,9 +77,9 @@ class BenchConfig(Config):
     """Simulator processes while recording."""
     near_tie_margin: float = 1e-4
     """A strict-mode token difference counts as a near-tie when no-draft's top-2 logit margin is below this."""
-    min_ratios: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001, 0.0])
-    """The acceptance sweep: relaxed decoding at each `eval.min_ratio` here, timed beside the other engines
-    (1: only main's own choices; 0: every proposal kept)."""
+    min_ratios: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6, 0.0])
+    """The acceptance sweep: relaxed decoding at each `eval.min_ratio` here, ungated, timed beside the other
+    engines (1: only main's own choices; 0: every proposal kept)."""
 
     def validate(self) -> None:
         for name in ("observations", "episodes_per_task", "execute_steps", "repetitions", "threads", "workers"):
@@ -179,7 +179,7 @@ class PerfectDraftEngine:
 
     def __init__(self, strict: RSDEngine, observations: list[dict[str, Any]], plain_tokens: list[Tensor]) -> None:
         self.draft = PinnedDraft(strict.draft)
-        self.engine = variant(strict, self.draft, min_confidence=0.0)
+        self.engine = variant(strict, self.draft, min_kept_layers=0.0)
         self.device = self.engine.device
         self.proposals = {id(inputs): perfect_proposal(self.engine, self.draft, inputs, tokens)
                           for inputs, tokens in zip(observations, plain_tokens)}
@@ -300,13 +300,13 @@ def breakdown(stats: list[dict[str, float]]) -> dict[str, float]:
     return {**out, "rest": _r(np.median(rest), 3)}
 
 
-def _mode_summary(timed: Timings, plain: Timings) -> dict[str, Any]:
-    """Latency, speedup and acceptance of one draft mode against no-draft decoding."""
+def _mode_summary(timed: Timings, plain: Timings, num_proposed_layers: int) -> dict[str, Any]:
+    """Latency, speedup and acceptance of one draft mode against no-draft decoding: token acceptance over the
+    calls that ran the draft, the share of calls keeping 0..K-1 draft layers over all."""
     per_obs = np.array([np.median(p) / np.median(d) for p, d in zip(plain.ms, timed.ms)])
     all_ms = np.concatenate([np.asarray(m) for m in timed.ms])
     no_draft_ms = float(np.median(np.concatenate([np.asarray(m) for m in plain.ms])))
     stats = [p.stats for p in timed.first]
-    layers = sorted(int(k.rsplit("L", 1)[1]) for k in stats[0] if k.startswith("token_acceptance_L"))
     accepted = np.array([s["accepted_layers"] for s in stats])
     return {
         "draft_ms": _r(np.median(all_ms), 3),
@@ -315,16 +315,24 @@ def _mode_summary(timed: Timings, plain: Timings) -> dict[str, Any]:
         "speedup_p90": _r(_percentile(per_obs, 90)),
         "speedup_mean_per_observation": _r(per_obs.mean()),
         "p90_ms": _r(_percentile(all_ms, 90), 3),
-        "token_acceptance": _r(np.mean([s["token_acceptance"] for s in stats])),
-        "token_acceptance_per_layer": [_r(np.mean([s[f"token_acceptance_L{i}"] for s in stats])) for i in layers],
+        **_acceptance([s for s in stats if s["speculated"]]),
         "accepted_layers_per_chunk": _r(accepted.mean()),
-        "accepted_layers_share": [_r((accepted == k).mean()) for k in range(len(layers))],
+        "accepted_layers_share": [_r((accepted == k).mean()) for k in range(num_proposed_layers)],
         "main_passes_per_chunk": _r(np.mean([s["main_passes"] for s in stats])),
         "speculated_share": _r(np.mean([s["speculated"] for s in stats])),
         "draft_model_ms": _median_stat(timed.first, "draft_ms"),
         "main_ms": _median_stat(timed.first, "main_ms"),
         "breakdown_ms": breakdown(stats),
     }
+
+
+def _acceptance(stats: list[dict[str, float]]) -> dict[str, Any]:
+    """Share of the draft's codes equal to main's, over all and per layer, over calls that ran the draft."""
+    if not stats:
+        return {"token_acceptance": None, "token_acceptance_per_layer": []}
+    layers = sorted(int(k.rsplit("L", 1)[1]) for k in stats[0] if k.startswith("token_acceptance_L"))
+    return {"token_acceptance": _r(np.mean([s["token_acceptance"] for s in stats])),
+            "token_acceptance_per_layer": [_r(np.mean([s[f"token_acceptance_L{i}"] for s in stats])) for i in layers]}
 
 
 def _deviation(plain: Timings, timed: Timings) -> dict[str, Any]:
@@ -335,14 +343,22 @@ def _deviation(plain: Timings, timed: Timings) -> dict[str, Any]:
             "max_action_deviation": _r(np.max([d.max() for d in deviation]), 6)}
 
 
-def gate_summary(gated: list[Prediction], ungated: list[Prediction]) -> dict[str, float]:
+def gate_summary(gated: list[Prediction], ungated: list[Prediction], min_kept_layers: float) -> dict[str, float]:
     """How the gate chose, call by call, against what speculating would have kept (the same engine ungated):
     the share of calls it speculated on, it was right on (speculated exactly where a layer would be kept),
-    it speculated on for nothing, and it skipped although a layer would have been kept."""
+    it speculated on for nothing, and it held back although a layer would have been kept."""
     went = np.array([p.stats["speculated"] == 1 for p in gated])
     pays = np.array([p.stats["accepted_layers"] > 0 for p in ungated])
-    return {"speculated_share": _r(went.mean()), "right_share": _r((went == pays).mean()),
-            "wasted_share": _r((went & ~pays).mean()), "missed_share": _r((~went & pays).mean())}
+    return {"min_kept_layers": min_kept_layers, "speculated_share": _r(went.mean()),
+            "right_share": _r((went == pays).mean()), "wasted_share": _r((went & ~pays).mean()),
+            "missed_share": _r((~went & pays).mean())}
+
+
+def break_even_layers(speculating_ms: dict[str, float], layer_pass_ms: float) -> float:
+    """What speculating costs beyond a no-draft call, in one-layer passes: the draft and the verify pass, less
+    the one-layer pass the verify pass stands in for (`speculating_ms`: a speculating mode's breakdown). A
+    gate (eval.min_kept_layers) set below it lets calls speculate that cost more than they save."""
+    return _r((speculating_ms["draft"] + speculating_ms["verify"] - layer_pass_ms) / layer_pass_ms, 3)
 
 
 def device_name(device: torch.device | str) -> str:
@@ -373,7 +389,8 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
         raise ValueError("benchmark needs at least one observation")
     device = engines["none"].device
     relaxed = engines["relaxed"]
-    sweep = {f"min_ratio={r:g}": variant(relaxed, min_ratio=r) for r in config.min_ratios}
+    sweep = {f"min_ratio={r:g}": variant(relaxed, min_ratio=r, min_kept_layers=0.0) for r in config.min_ratios}
+    ungated = {mode: variant(engines[mode], min_kept_layers=0.0) for mode in ("strict", "relaxed")}
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)  # on a GPU too: the host side (inputs, the tokenizer's decode) is tiny work
     start = time.monotonic()
@@ -381,27 +398,34 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
         plain_tokens = [engines["none"].predict(inputs).tokens for inputs in observations]
         timed = time_engines({**engines, "perfect": PerfectDraftEngine(engines["strict"], observations, plain_tokens),
                               **sweep}, observations, config.repetitions, config.warmup, progress)
-        gate = None
-        if engines["strict"].config.min_confidence > 0:
-            ungated = variant(engines["strict"], min_confidence=0.0)
-            gate = {"min_confidence": engines["strict"].config.min_confidence,
-                    **gate_summary(timed["strict"].first, [ungated.predict(inputs) for inputs in observations])}
+        speculating = {mode: [engine.predict(inputs) for inputs in observations] for mode, engine in ungated.items()}
     finally:
         torch.set_num_threads(threads)
     plain = timed["none"]
-    summaries = {mode: _mode_summary(timed[mode], plain) for mode in ("strict", "relaxed", "perfect")}
+    K = relaxed.draft.config.num_coarse_layers
+    summaries = {mode: _mode_summary(timed[mode], plain, K) for mode in ("strict", "relaxed", "perfect")}
+    gate = {mode: gate_summary(timed[mode].first, speculating[mode], engines[mode].config.min_kept_layers)
+            for mode in ("strict", "relaxed")}
+    for mode in gate:  # the draft's agreement with main on every observation, not only where the gate let it run
+        summaries[mode].update(_acceptance([p.stats for p in speculating[mode]]))
 
-    mismatches, near_ties, tie_layers = token_differences(engines["none"], observations, [s.tokens for s in timed["strict"].first],
-                                                          config.near_tie_margin, [p.tokens for p in plain.first])
+    # strict exactness, on the gated engine's calls and on every call speculating (the ungated engine's)
+    expected = [p.tokens for p in plain.first]
+    mismatches, near_ties, tie_layers = 0, 0, []
+    for predictions in (timed["strict"].first, speculating["strict"]):
+        found = token_differences(engines["none"], observations, [p.tokens for p in predictions], config.near_tie_margin, expected)
+        mismatches, near_ties, tie_layers = mismatches + found[0], near_ties + found[1], tie_layers + found[2]
     summaries["strict"].update(action_mismatches=mismatches, near_ties=near_ties)
     summaries["relaxed"].update(min_ratio=relaxed.config.min_ratio, **_deviation(plain, timed["relaxed"]))
     acceptance_sweep = []
     for name, engine in sweep.items():
-        summary = _mode_summary(timed[name], plain)
+        summary = _mode_summary(timed[name], plain, K)
         acceptance_sweep.append({"min_ratio": engine.config.min_ratio, **{k: summary[k] for k in (
             "speedup", "speedup_p10", "speedup_p90", "accepted_layers_per_chunk", "accepted_layers_share",
             "speculated_share", "token_acceptance")}, **_deviation(plain, timed[name])})
     plain_ms = np.concatenate([np.asarray(m) for m in plain.ms])
+    # one one-layer pass of main, beside the draft's one call (strict's draft_model_ms)
+    layer_pass_ms = _r(np.median([p.stats["passes_ms"] / (p.stats["main_passes"] - 1) for p in plain.first]), 3)
     head = summaries["strict"]
     result = {
         "no_draft_ms": _r(np.median(plain_ms), 3),
@@ -423,10 +447,10 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
             "p90_ms": _r(_percentile(plain_ms, 90), 3),
             "main_ms": _median_stat(plain.first, "main_ms"),
             "main_passes_per_chunk": _r(np.mean([p.stats["main_passes"] for p in plain.first])),
-            # one one-layer pass of main, beside the draft's one call (strict's draft_model_ms)
-            "layer_pass_ms": _r(np.median([p.stats["passes_ms"] / (p.stats["main_passes"] - 1) for p in plain.first]), 3),
+            "layer_pass_ms": layer_pass_ms,
             "breakdown_ms": breakdown([p.stats for p in plain.first]),
         },
+        "break_even_layers": break_even_layers(summaries["perfect"]["breakdown_ms"], layer_pass_ms),
         "acceptance_sweep": acceptance_sweep,
         "gate": gate,
         "near_tie_margin": config.near_tie_margin,

@@ -77,8 +77,6 @@ def bench(
     """Time the checkpoints on recorded observations, without LIBERO: no draft, strict, relaxed and a perfect
     draft, interleaved as the bench stage does (params `bench`; the acceptance rule, gate and draft precision
     from `eval`)."""
-    import dataclasses
-
     import torch
 
     from rsd.bench import BenchConfig, load_observations, time_checkpoints
@@ -95,8 +93,7 @@ def bench(
         values = load_params(params)
         config = section(values, "bench", BenchConfig)
         evaluation = values.get("eval") or {}  # read as data: rsd.evaluation's EvalConfig would import LIBERO
-        decoding = {f.name: evaluation[f.name] for f in dataclasses.fields(EngineConfig) if f.name in evaluation}
-        engines = {mode: EngineConfig(**{**decoding, "mode": mode}) for mode in MODES}
+        engines = {mode: EngineConfig.for_mode(evaluation, mode) for mode in MODES}
         inputs = load_observations(observations)
     except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc

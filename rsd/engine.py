@@ -21,13 +21,15 @@ typical acceptance, on whole RFSQ layers). One knob from strict (1: only main's 
 every proposal (0). Either way the codes decoded are main's own views from the verify pass; in relaxed
 mode those of later layers were conditioned on the draft's plausible codes.
 
-The gate: speculating costs a verify pass wider than a one-layer pass and the bookkeeping, so with
-`min_confidence` > 0 the engine speculates only when the draft is that sure of its layer 1 (its
-smallest top-1 probability over the layer's codes); otherwise the call decodes as without a draft,
-having paid for the draft alone.
+The gate: speculating costs the draft, a verify pass wider than a one-layer pass and the bookkeeping,
+which pays only if main keeps enough draft layers. With `min_kept_layers` > 0 the engine keeps a running
+average of the layers kept per speculating call since `reset()` (an episode's start) and, while it is
+below that, decodes without the draft (not even running it), speculating only every `PROBE_EVERY`-th call
+to keep the average current. The average is of acceptance, not of time, so which calls speculate is a
+function of the episode's observations alone.
 
-Speed: a call runs under `torch.inference_mode` and reads back to the host once per decision (the kept
-layer count; the gate's confidence when gated); its statistics are computed when first read, after the
+Speed: a call runs under `torch.inference_mode` and reads back to the host once (the kept layer count,
+which the gate also reads); its statistics are computed when first read, after the
 call has returned its actions (`Prediction.stats`). Time marks are `perf_counter` on the CPU and CUDA
 events on a GPU (no synchronisation inside the call). Each instruction's word ids are cached, inputs
 reach a GPU through pinned buffers, and the draft runs in the precision `draft_precision` asks for,
@@ -35,6 +37,7 @@ through its inference form (`rsd.draft.model.proposer`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -58,6 +61,12 @@ log = logging.getLogger("rsd.engine")
 MODES = ("none", "strict", "relaxed")
 """Acceptance modes: no draft, then the two acceptance rules."""
 DRAFT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROBE_EVERY = 7
+"""While the gate holds speculation back, every this-many-th call still speculates (measuring acceptance). A
+prime, so that in the bench's rounds over its observations the probing calls fall on other observations each
+round rather than on the same few."""
+KEPT_AVERAGE_WEIGHT = 0.25
+"""Weight of the newest speculating call in the gate's running average of kept layers."""
 
 
 @dataclass
@@ -72,9 +81,11 @@ class EngineConfig(Config):
     """relaxed only: a draft code is plausible when main's verify pass gives it at least this share of the
     probability of main's own choice there; a layer is kept when all its codes are. 1 keeps only main's
     choices (as strict), 0 keeps every proposal."""
-    min_confidence: float = 0.0
-    """Speculate only when the draft's smallest top-1 probability over its layer-1 codes reaches this;
-    below it the call decodes as without a draft. 0 always speculates."""
+    min_kept_layers: float = 0.0
+    """The gate: speculate while main keeps at least this many draft layers per speculating call, on a
+    running average since the episode began; below it, only every `PROBE_EVERY`-th call speculates. Set it
+    to what speculating costs beyond a no-draft call, in one-layer passes (the bench measures it as
+    `break_even_layers`). 0 always speculates."""
     draft_precision: str = "fp32"
     """`fp32`, `bf16`, or `auto` (bf16 where it runs natively, rsd.hardware): the precision the draft model
     runs in. bf16 halves its time on a CPU with AVX512-BF16 (and on a GPU) and doubles it on one without;
@@ -83,9 +94,16 @@ class EngineConfig(Config):
     def validate(self) -> None:
         self.check(self.mode in MODES, "mode", f"one of {', '.join(MODES)}")
         self.check(0 <= self.min_ratio <= 1, "min_ratio", "a number in [0, 1]")
-        self.check(0 <= self.min_confidence <= 1, "min_confidence", "a number in [0, 1]")
+        self.check(0 <= self.min_kept_layers, "min_kept_layers", "a non-negative number")
         self.check(self.draft_precision in ("auto", *DRAFT_DTYPES), "draft_precision",
                    f"one of auto, {', '.join(DRAFT_DTYPES)}")
+
+    @classmethod
+    def for_mode(cls, values: dict[str, Any], mode: str) -> EngineConfig:
+        """params.yaml `eval` (a dict, or its config's fields) -> the engine config of `mode`: the one mapping
+        from eval params to the engine, by field name."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"mode"}
+        return cls(mode=mode, **{name: values[name] for name in names if name in values})
 
     def draft_dtype(self, device_type: str) -> torch.dtype:
         """The draft's dtype on a `device_type` device."""
@@ -144,6 +162,29 @@ class RSDEngine:
         self._log_ratio = math.log(self.config.min_ratio) if self.config.min_ratio > 0 else -math.inf
         self._instructions: dict[str, dict[str, Tensor]] = {}
         self._pinned: dict[str, Tensor] = {}  # host staging of each input on a GPU (`_to_device`)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the gate's running average: a new episode starts speculating."""
+        self._kept_average: float | None = None
+        self._calls_held_back = 0
+
+    def _gate_open(self) -> bool:
+        """Speculate on this call? Yes when ungated, before any speculating call, while kept layers average at
+        least `min_kept_layers`, and on every `PROBE_EVERY`-th call held back."""
+        threshold = self.config.min_kept_layers
+        if threshold == 0 or self._kept_average is None or self._kept_average >= threshold:
+            return True
+        return self._calls_held_back >= PROBE_EVERY - 1
+
+    def _gate_record(self, accepted: int | None) -> None:
+        """What this call did: kept `accepted` draft layers, or (None) held back."""
+        if accepted is None:
+            self._calls_held_back += 1
+            return
+        self._calls_held_back = 0
+        previous = self._kept_average
+        self._kept_average = accepted if previous is None else previous + KEPT_AVERAGE_WEIGHT * (accepted - previous)
 
     # ---- one policy call ----------------------------------------------------------------------------
 
@@ -171,7 +212,7 @@ class RSDEngine:
                 stats.update(finish())
             ms = marks.ms()
             if finish is not None:
-                ms.setdefault("verify", 0.0)  # a call the gate decoded without speculating
+                ms.setdefault("verify", 0.0)  # a call the gate held back
             stats.update({f"{name}_ms": value for name, value in ms.items()})
             stats["main_ms"] = ms["prefill"] + ms.get("verify", 0.0) + ms["passes"]
             return stats
@@ -199,26 +240,25 @@ class RSDEngine:
         """Layers 1..L-1 with the draft's proposal -> (stats, the acceptance statistics to compute once the
         codes are on the host)."""
         num_layers = self.policy.config.num_layers
+        if not self._gate_open():  # decode as without a draft, not even running it
+            self._gate_record(None)
+            marks("draft")
+            self._decode_rest(codes, cache, marks)
+            return {"main_passes": num_layers, "accepted_layers": 0, "speculated": 0}, lambda: {}
         draft_logits = self._draft_logits(hidden, codes[0])  # [1, K, 128, levels], K coarse layers
         proposal = draft_logits.argmax(-1)  # [1, K, 128]
         K = proposal.shape[1]
-        speculate = True
-        if self.config.min_confidence > 0:  # the gate: one host read
-            confidence = draft_logits[0, 1].float().softmax(-1).amax(-1).amin()
-            speculate = float(confidence) >= self.config.min_confidence
         marks("draft")
         # main's own code for each proposed layer, in the context decoding took: layer 0 from the prefill,
         # then the verify pass's views up to the first rejected layer, then the passes after it
         finish = partial(self._acceptance, proposal, codes)
-        if not speculate:
-            self._decode_rest(codes, cache, marks)
-            return {"main_passes": num_layers, "accepted_layers": 0, "speculated": 0}, finish
         # verify: feed main's layer 0 and draft layers 1..K-1 -> main's view of layers 1..K
         fed = torch.cat([codes[0][:, None], proposal[:, 1:]], dim=1)  # [1, K, 128]
         view_logits = self.policy.step_many(fed, 0, cache)  # [1, K, 128, levels]: [:, i] is main's layer i+1
         views = view_logits.argmax(-1)  # [1, K, 128]
         keep = self._keep(proposal[:, 1:], views[:, : K - 1], view_logits[:, : K - 1])  # [K-1] bools
         accepted = int(keep.cumprod(0).sum())  # kept draft layers 1..accepted: the one host read
+        self._gate_record(accepted)
         marks("verify")
         # main's own codes for layers 1..accepted+1 (strict: equal to the draft's where accepted; relaxed:
         # conditioned on the draft's plausible codes, which is where the loss comes from)

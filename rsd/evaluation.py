@@ -6,6 +6,7 @@ models never cross process boundaries.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -29,6 +30,9 @@ log = logging.getLogger("rsd.eval")
 class Agent(Protocol):
     def predict(self, inputs: dict[str, Any]) -> Prediction: ...
 
+    def reset(self) -> None:
+        """An episode starts: forget what earlier ones taught (the engine's gate)."""
+
 
 @dataclass
 class EvalConfig(Config):
@@ -47,9 +51,10 @@ class EvalConfig(Config):
     min_ratio: float = 0.1
     """Relaxed acceptance (the draft_relaxed variant): a draft code is kept when main gives it at least this
     share of the probability of its own choice (1: as strict; 0: every proposal). rsd.engine.EngineConfig."""
-    min_confidence: float = 0.0
-    """The gate of both draft variants: speculate only when the draft's smallest top-1 probability over its
-    layer-1 codes reaches this (0: always)."""
+    min_kept_layers: float = 0.0
+    """The gate of both draft variants: speculate while main keeps at least this many draft layers per
+    speculating call, averaged over the episode so far; below it, one call in rsd.engine.PROBE_EVERY does
+    (0: always speculate). rsd.engine.EngineConfig."""
     draft_precision: str = "auto"
     """The draft model's precision in the draft variants (`fp32`, `bf16`, or `auto`: bf16 where it runs
     natively); main checks its proposals, so strict decoding stays exact either way."""
@@ -68,8 +73,7 @@ class EvalConfig(Config):
     def engine_config(self, mode: str) -> EngineConfig:
         """The engine config of a variant whose acceptance mode is `mode` (`none`, `strict` or `relaxed`).
         The evaluation itself reads none of these: the engine each worker builds does."""
-        return EngineConfig(mode=mode, min_ratio=self.min_ratio, min_confidence=self.min_confidence,
-                            draft_precision=self.draft_precision)
+        return EngineConfig.for_mode(dataclasses.asdict(self), mode)
 
 
 @dataclass
@@ -115,8 +119,10 @@ def rollout(
 
     Each chunk's first `execute_steps` actions run open loop. With `query_every_step` the agent is also
     asked at the steps in between (for data: what it would say there), without changing what runs.
-    `on_call(step, prediction)` sees every call. Returns (success, steps).
+    `on_call(step, prediction)` sees every call. Returns (success, steps). The agent is reset first, so an
+    episode's calls depend on that episode alone, whichever worker runs it after whichever others.
     """
+    agent.reset()
     steps, success, chunk, start = 0, False, None, 0
     while steps < env.config.max_steps and not success:
         if chunk is None or steps - start >= execute_steps or query_every_step:

@@ -44,6 +44,9 @@ class _Recorder:
         self.inputs.append({k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in inputs.items()})
         return self.agent.predict(inputs)
 
+    def reset(self) -> None:
+        self.agent.reset()
+
 
 def _record_episode(job: tuple[int, int, int, int]) -> tuple[int, int, bool, list[tuple[int, dict[str, Any]]]]:
     task, episode, seed, execute_steps = job

@@ -380,11 +380,16 @@ def _breakdown(b: dict[str, Any]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", f"One one-layer pass of main takes {b['no_draft']['layer_pass_ms']:.2f} ms; one call of the draft "
               f"{b['strict']['draft_model_ms']:.2f} ms.", ""]
-    gate = b.get("gate")
-    if gate:
-        lines += [f"The gate (speculate when the draft's least sure layer-1 code has top-1 probability ≥ "
-                  f"{gate['min_confidence']:g}) speculated in {_pct(gate['speculated_share'])} of strict calls and was "
-                  f"right in {_pct(gate['right_share'])} (speculated for nothing {_pct(gate['wasted_share'])}, skipped a "
+    if "break_even_layers" in b:
+        lines += [f"Speculating costs {b['break_even_layers']:.2f} one-layer passes beyond a no-draft call (the draft "
+                  "and the verify pass, less the pass the verify pass stands in for): it pays when main keeps more "
+                  "draft layers than that.", ""]
+    for mode, gate in (b.get("gate") or {}).items():
+        if not gate.get("min_kept_layers"):
+            continue
+        lines += [f"The {mode} gate (speculate while main keeps ≥ {gate['min_kept_layers']:g} draft layers per "
+                  f"speculating call on average) speculated in {_pct(gate['speculated_share'])} of calls and was right "
+                  f"in {_pct(gate['right_share'])} (speculated for nothing {_pct(gate['wasted_share'])}, held back a "
                   f"call that would have kept a layer {_pct(gate['missed_share'])}).", ""]
     return lines
 

@@ -98,16 +98,22 @@ def accepted_share(args: argparse.Namespace, layers: int) -> tuple[list[float], 
 
 
 def benchmark_shares_speedup(bench: Path, med: dict[str, float], layers: int) -> dict[str, float] | None:
-    """For each mode of the LIBERO benchmark (strict, relaxed, ...): no-draft ms over the mixture of the per-k
-    median ms weighted by that mode's share of calls keeping k draft layers; None without the benchmark file."""
+    """For each mode of the LIBERO benchmark (strict, relaxed, each ratio of the acceptance sweep): no-draft ms
+    over the mixture of the per-k median ms weighted by that mode's share of calls keeping k draft layers, a call
+    its gate held back (no draft run) costing a no-draft call; None without the benchmark file."""
     if not bench.is_file():
         return None
     result = json.loads(bench.read_text())
+    modes = {mode: result.get(mode, {}) for mode in ("strict", "relaxed")}
+    modes.update({f"min_ratio={e['min_ratio']:g}": e for e in result.get("acceptance_sweep", [])})
     out = {}
-    for mode in ("strict", "relaxed"):
-        share = result.get(mode, {}).get("accepted_layers_share")
-        if share is not None and len(share) == layers:
-            out[mode] = round(med["none"] / sum(p * med[f"k{k}"] for k, p in enumerate(share)), 4)
+    for mode, summary in modes.items():
+        share = summary.get("accepted_layers_share")
+        if share is None or len(share) != layers:
+            continue
+        held_back = 1.0 - summary.get("speculated_share", 1.0)  # counted among the calls keeping 0 layers
+        ms = held_back * med["none"] + (share[0] - held_back) * med["k0"] + sum(p * med[f"k{k}"] for k, p in enumerate(share) if k)
+        out[mode] = round(med["none"] / ms, 4)
     return out
 
 

@@ -63,7 +63,11 @@ def test_benchmark_reports_both_modes(engines):
     assert set(metrics["strict"]["breakdown_ms"]) == {"inputs", "prefill", "draft", "verify", "passes", "decode", "rest"}
     assert set(metrics["no_draft"]["breakdown_ms"]) == {"inputs", "prefill", "passes", "decode", "rest"}
     assert metrics["no_draft"]["layer_pass_ms"] > 0 and metrics["strict"]["draft_model_ms"] > 0
-    assert metrics["gate"] is None and metrics["strict"]["speculated_share"] == 1.0  # ungated
+    assert metrics["gate"]["strict"]["min_kept_layers"] == 0 and metrics["strict"]["speculated_share"] == 1.0  # ungated
+    assert metrics["gate"]["strict"]["right_share"] + metrics["gate"]["strict"]["wasted_share"] == pytest.approx(1.0)
+    assert metrics["break_even_layers"] == pytest.approx(
+        (metrics["perfect"]["breakdown_ms"]["draft"] + metrics["perfect"]["breakdown_ms"]["verify"]
+         - metrics["no_draft"]["layer_pass_ms"]) / metrics["no_draft"]["layer_pass_ms"], abs=1e-3)
     # the ceiling: a perfect draft has every proposed layer kept, at the real draft's cost
     perfect = metrics["perfect"]
     assert perfect["accepted_layers_per_chunk"] == 2 and perfect["main_passes_per_chunk"] == 2
@@ -72,17 +76,23 @@ def test_benchmark_reports_both_modes(engines):
 
 
 def test_benchmark_reports_how_the_gate_chose(engines):
-    """With a gate, the bench says how often strict speculated and how often that matched what speculating would
-    have kept (the same engine ungated); a gate no draft can pass never speculates."""
+    """With a gate, the bench says how often each draft mode speculated and how often that matched what
+    speculating would have kept (the same engine ungated); a bar no draft can reach holds strict back on all but
+    the probing calls, and strict stays exact on every call speculating."""
     from rsd.bench import variant
+    from rsd.engine import PROBE_EVERY
 
-    gated = {**engines, "strict": variant(engines["strict"], min_confidence=1.0)}
-    metrics = benchmark(gated, observations(3), BenchConfig(observations=3, repetitions=1, warmup=0, min_ratios=[1.0]),
+    gated = {**engines, "strict": variant(engines["strict"], min_kept_layers=3.0)}  # more than K - 1 = 2 layers
+    n = 2 * PROBE_EVERY
+    metrics = benchmark(gated, observations(n), BenchConfig(observations=n, repetitions=1, warmup=0, min_ratios=[1.0]),
                         progress=False)
-    gate = metrics["gate"]
-    assert gate["min_confidence"] == 1.0 and gate["speculated_share"] == 0.0 == metrics["strict"]["speculated_share"]
-    assert gate["wasted_share"] == 0.0 and gate["right_share"] + gate["missed_share"] == pytest.approx(1.0)
-    assert metrics["strict"]["main_passes_per_chunk"] == 4 and metrics["strict"]["action_mismatches"] == 0
+    gate = metrics["gate"]["strict"]
+    # the first call speculates, then one call in PROBE_EVERY; warm-up off, the first timed round sees them
+    assert gate["min_kept_layers"] == 3.0 and gate["speculated_share"] == pytest.approx(2 / n, abs=1e-4)
+    assert metrics["strict"]["speculated_share"] == gate["speculated_share"]
+    assert gate["right_share"] + gate["wasted_share"] + gate["missed_share"] <= 1.0 + 1e-9
+    assert metrics["strict"]["action_mismatches"] == 0
+    assert metrics["gate"]["relaxed"]["min_kept_layers"] == 0 and metrics["gate"]["relaxed"]["speculated_share"] == 1.0
 
 
 def test_benchmark_refuses_missing_engines(engines):

@@ -124,7 +124,7 @@ def test_each_evaluation_depends_on_the_eval_params_its_variant_reads(dvc_yaml: 
     on nothing else of `eval`, so moving the relaxed acceptance ratio reruns eval_draft_relaxed alone."""
     from rsd.evaluation import EvalConfig
 
-    strict = {"eval.draft_precision", "eval.min_confidence"}
+    strict = {"eval.draft_precision", "eval.min_kept_layers"}
     engine_keys = {"none": set(), "strict": strict, "relaxed": strict | {"eval.min_ratio"}}
     evaluator = {f"eval.{field.name}" for field in dataclasses.fields(EvalConfig)} - engine_keys["relaxed"]
     for variant, mode in {"no_draft": "none", "draft": "strict", "draft_relaxed": "relaxed"}.items():

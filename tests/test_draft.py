@@ -248,10 +248,6 @@ def test_training_learns_and_returns_the_checkpoint(trained: dict[str, Any]) -> 
     assert set(metrics) >= {"best_val_accuracy", "val_accuracies_per_layer", "best_epoch", "epochs", "train_seconds",
                             "parameters", "layer_exact_match", "train_samples", "val_samples"}
     assert list(trained["checkpoint"]) == list(REQUIRED_KEYS)
-    # the gate's calibration on held-out samples: a higher bar speculates on fewer calls
-    calibration = metrics["gate_calibration"]
-    shares = [row["speculated_share"] for row in calibration]
-    assert len(calibration) == 9 and shares == sorted(shares, reverse=True) and 0 <= shares[-1] <= shares[0] <= 1
     ckpt = torch.load(trained["path"], weights_only=False)
     assert set(ckpt) == CHECKPOINT_KEYS
     assert ckpt["epoch"] == metrics["best_epoch"]

@@ -20,16 +20,15 @@ INSTRUCTION = "pick up the black bowl and place it on the plate"
 
 
 class ScriptedDraft(torch.nn.Module):
-    """A stand-in draft that proposes given codes, to drive every acceptance path on purpose; `sureness` sets
-    its logits' scale, so its top-1 probability per code is e^s / (e^s + 6)."""
+    """A stand-in draft that proposes given codes, to drive every acceptance path on purpose."""
 
-    def __init__(self, hidden: int, proposal: torch.Tensor, sureness: float = 10.0) -> None:
+    def __init__(self, hidden: int, proposal: torch.Tensor) -> None:
         super().__init__()
         self.config = SimpleNamespace(input_dim=hidden, num_coarse_layers=proposal.shape[1], hidden_dim=512)
-        self.proposal, self.sureness = proposal, sureness
+        self.proposal = proposal
 
     def logits(self, hidden: torch.Tensor, layer0: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.one_hot(self.proposal, 7).float() * self.sureness
+        return torch.nn.functional.one_hot(self.proposal, 7).float()
 
 
 @pytest.fixture(scope="module")
@@ -148,20 +147,31 @@ def test_relaxed_keeps_a_layer_whose_codes_main_finds_plausible(parts):
     assert run("relaxed", 0.0).stats["accepted_layers"] == 2  # every proposal
 
 
-def test_the_gate_skips_speculation_when_the_draft_is_unsure(parts):
-    """Below min_confidence the call decodes as without a draft: same tokens, every main pass, no verify pass."""
+def test_the_gate_holds_speculation_back_while_it_does_not_pay(parts):
+    """While main keeps fewer draft layers per speculating call than min_kept_layers (on the episode's running
+    average), calls decode as without a draft, not even running it: same tokens, every main pass, no verify pass;
+    every PROBE_EVERY-th call still speculates, and reset() (a new episode) starts over."""
+    from rsd.engine import PROBE_EVERY
+
     policy, tokenizer = parts
     inputs = observation(11)
     truth = plain_codes(policy, tokenizer, inputs)
-    sure, unsure = ScriptedDraft(256, truth[:, :3], sureness=10.0), ScriptedDraft(256, truth[:, :3], sureness=1.0)
-    config = EngineConfig(mode="strict", min_confidence=0.5)  # sureness 1: top-1 probability e / (e + 6) = 0.31
-    skipped = RSDEngine(policy, tokenizer, unsure, config).predict(inputs)
-    taken = RSDEngine(policy, tokenizer, sure, config).predict(inputs)
-    assert skipped.stats["speculated"] == 0 and skipped.stats["main_passes"] == 4 and skipped.stats["verify_ms"] == 0.0
-    assert taken.stats["speculated"] == 1 and taken.stats["accepted_layers"] == 2
-    for prediction in (skipped, taken):
+    wrong = truth[:, :3].clone()
+    wrong[0, 1:] = (wrong[0, 1:] + 1) % 7  # layers 1 and 2 wrong everywhere: strict keeps nothing
+    config = EngineConfig(mode="strict", min_kept_layers=0.5)
+    engine = RSDEngine(policy, tokenizer, ScriptedDraft(256, wrong), config)
+    runs = [engine.predict(inputs) for _ in range(2 * PROBE_EVERY + 1)]
+    went = [p.stats["speculated"] for p in runs]
+    assert went == [1] + ([0] * (PROBE_EVERY - 1) + [1]) * 2
+    held = runs[1]
+    assert held.stats["main_passes"] == 4 and held.stats["verify_ms"] == 0.0 and "token_acceptance" not in held.stats
+    for prediction in runs:
         assert torch.equal(prediction.tokens.flatten(0, 1).T[None], truth)
-        assert prediction.stats["token_acceptance"] == 1.0  # measured either way, against main's own codes
+    engine.reset()
+    assert engine.predict(inputs).stats["speculated"] == 1
+    # a draft that pays keeps the gate open: every call speculates
+    paying = RSDEngine(policy, tokenizer, ScriptedDraft(256, truth[:, :3]), config)
+    assert [paying.predict(inputs).stats["accepted_layers"] for _ in range(3)] == [2, 2, 2]
 
 
 def test_a_call_reports_where_its_time_went(parts):
@@ -189,8 +199,8 @@ def test_engine_refuses_mismatched_parts(parts):
         EngineConfig(mode="strict", draft_precision="fp16")
     with pytest.raises(ValueError, match=re.escape("eval.min_ratio must be a number in [0, 1], got 1.5")):
         EngineConfig(mode="relaxed", min_ratio=1.5)
-    with pytest.raises(ValueError, match=re.escape("eval.min_confidence must be a number in [0, 1], got -0.1")):
-        EngineConfig(mode="strict", min_confidence=-0.1)
+    with pytest.raises(ValueError, match=re.escape("eval.min_kept_layers must be a non-negative number, got -0.1")):
+        EngineConfig(mode="strict", min_kept_layers=-0.1)
 
 
 def test_engine_refuses_a_tokenizer_the_policy_was_not_trained_on(parts, tmp_path):
@@ -218,9 +228,11 @@ def test_engine_refuses_a_tokenizer_the_policy_was_not_trained_on(parts, tmp_pat
 
 
 def test_eval_params_configure_the_draft_engines():
-    config = EvalConfig(min_ratio=0.05, min_confidence=0.2, draft_precision="bf16", init_states=6)
+    config = EvalConfig(min_ratio=0.05, min_kept_layers=0.2, draft_precision="bf16", init_states=6)
     engine = config.engine_config("relaxed")
-    assert (engine.mode, engine.min_ratio, engine.min_confidence, engine.draft_precision) == ("relaxed", 0.05, 0.2, "bf16")
+    assert (engine.mode, engine.min_ratio, engine.min_kept_layers, engine.draft_precision) == ("relaxed", 0.05, 0.2, "bf16")
+    assert EngineConfig.for_mode({"min_ratio": 0.05, "min_kept_layers": 0.2, "draft_precision": "bf16", "workers": 2},
+                                 "relaxed") == engine  # the eval section as data: its other keys are not the engine's
     assert EvalConfig().engine_config("strict") == EngineConfig(mode="strict", min_ratio=0.1, draft_precision="auto")
     with pytest.raises(ValueError, match=re.escape("eval.min_ratio must be a number in [0, 1], got -1")):
         EvalConfig(min_ratio=-1)

@@ -53,8 +53,11 @@ def write_metrics(root: Path, draft_successes: int = 10, speedup: float = 1.37, 
                                    "speculated_share": 1.0, "token_acceptance": 0.8, "token_mismatches": round(200 * (1 - r)),
                                    "mean_action_deviation": 0.02 * (1 - r), "max_action_deviation": 0.3 * (1 - r)}
                                   for r in (1.0, 0.1, 0.0)],
-             "gate": {"min_confidence": 0.3, "speculated_share": 0.4, "right_share": 0.9, "wasted_share": 0.05,
-                      "missed_share": 0.05},
+             "gate": {"strict": {"min_kept_layers": 0.5, "speculated_share": 0.4, "right_share": 0.9,
+                                 "wasted_share": 0.05, "missed_share": 0.05},
+                      "relaxed": {"min_kept_layers": 0.5, "speculated_share": 1.0, "right_share": 0.7,
+                                  "wasted_share": 0.3, "missed_share": 0.0}},
+             "break_even_layers": 0.52,
              "observations": 200, "repetitions": 5}
     files = {
         "demos": {"source": "expert", "episodes": 200, "kept": 196},
@@ -110,7 +113,9 @@ def test_report_reads_every_number_from_the_metrics(tmp_path):
                      "| no draft | 6.00 | — | — | 5.70 | 0.80 |",
                      "| strict | 6.00 | 1.60 | 2.10 | 3.00 | 0.90 |",
                      "One one-layer pass of main takes 1.90 ms; one call of the draft 1.60 ms.",
-                     "speculated in 40.0% of strict calls and was right in 90.0%",
+                     "Speculating costs 0.52 one-layer passes beyond a no-draft call",
+                     "The strict gate (speculate while main keeps ≥ 0.5 draft layers per speculating call on average) "
+                     "speculated in 40.0% of calls and was right in 90.0%",
                      "| 0.1 | 1.45× (0.90–1.60) | 1.80 | 10.0% / 0.0% / 90.0% | 180/200 | 0.0180 / 0.2700 |"):
         assert expected in text, expected
     for plot in PLOTS:

@@ -57,21 +57,15 @@ class Tally:
         self.correct = torch.zeros(num_layers)  # [C] codes equal to the target
         self.exact = torch.zeros(num_layers)  # [C] samples whose whole layer equals the target
         self.codes_per_layer = 0
-        self.layer1_confidence: list[Tensor] = []  # [B] per batch, with `gate`: the draft's least sure layer-1 code
-        self.layer1_exact: list[Tensor] = []  # [B] per batch, with `gate`: is the whole layer 1 right?
 
-    def add(self, logits: Tensor, target: Tensor, loss: Tensor, gate: bool = False) -> None:
-        """logits [B, C, 128, K], target [B, C, 128], loss the batch's mean cross entropy; `gate` also keeps each
-        sample's layer-1 confidence and exactness, for `gate_calibration`."""
+    def add(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
+        """logits [B, C, 128, K], target [B, C, 128], loss the batch's mean cross entropy."""
         match = (logits.argmax(dim=-1) == target).cpu()  # [B, C, 128]
         self.loss_sum += loss.item() * len(target)
         self.samples += len(target)
         self.correct += match.sum(dim=(0, 2))
         self.exact += match.all(dim=2).sum(dim=0)
         self.codes_per_layer = target.shape[2]
-        if gate:
-            self.layer1_confidence.append(logits[:, 1].float().softmax(-1).amax(-1).amin(-1).cpu())
-            self.layer1_exact.append(match[:, 1].all(-1))
 
     @property
     def loss(self) -> float:
@@ -97,28 +91,8 @@ def evaluate(model: RFSQDraftModelWithProjection, hidden: Tensor, targets: Tenso
         x = hidden[start:start + EVAL_BATCH_SIZE].to(device, torch.float32)  # [B, H]
         y = targets[start:start + EVAL_BATCH_SIZE].to(device, torch.long)  # [B, C, 128]
         logits = model(x, y[:, 0])  # [B, C, 128, K]; layer 0 is read only by a draft conditioned on it
-        tally.add(logits, y, F.cross_entropy(logits.flatten(0, 2), y.flatten()), gate=True)
+        tally.add(logits, y, F.cross_entropy(logits.flatten(0, 2), y.flatten()))
     return tally
-
-
-GATE_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-"""Confidences at which `gate_calibration` reports what the engine's gate (eval.min_confidence) would do."""
-
-
-def gate_calibration(val: Tally) -> list[dict[str, float]]:
-    """What the engine's gate would do on held-out samples (an `evaluate` tally): for each threshold of the
-    draft's confidence (its smallest top-1 probability over its layer-1 codes), the share of calls that reach it
-    and how often their layer 1 equals main's whole (what strict acceptance keeps), against the share of all
-    calls that equal it."""
-    confidence, exact = val.layer1_confidence, val.layer1_exact
-    conf, ok = torch.cat(confidence), torch.cat(exact).float()
-    rows = []
-    for threshold in GATE_THRESHOLDS:
-        taken = conf >= threshold
-        rows.append({"min_confidence": threshold, "speculated_share": round(float(taken.float().mean()), 4),
-                     "layer1_exact_when_speculated": round(float(ok[taken].mean()), 4) if taken.any() else None,
-                     "layer1_exact_share_kept": round(float((ok * taken).sum() / ok.sum()), 4) if ok.any() else None})
-    return rows
 
 
 def build_checkpoint(model_state: dict[str, Any], optimizer_state: dict[str, Any], config: DraftConfig, epoch: int,
@@ -222,14 +196,12 @@ def train_draft(samples: DraftSamples, config: DraftTrainConfig, live: Live | No
     assert kept.model_state is not None and kept.optimizer_state is not None  # best_metric keeps both
     val = val_tallies[kept.epoch]
     checkpoint = build_checkpoint(kept.model_state, kept.optimizer_state, model_config, kept.epoch, val)
-    calibration = gate_calibration(val)
 
     log.info("Training Complete! Best Val Accuracy: %.3f", kept.metrics["val/acc_avg"])
     return checkpoint, {
         "best_val_accuracy": kept.metrics["val/acc_avg"],
         "val_accuracies_per_layer": val.accuracy,
         "layer_exact_match": val.exact_match,
-        "gate_calibration": calibration,
         "best_epoch": kept.epoch,
         "epochs": E,
         "precision": resolve_precision(config.precision, device.type),
