@@ -1,24 +1,53 @@
-"""Simulator work spread over worker processes."""
+"""Rollout work spread over Ray actors: one per worker, set up once (its simulator, its agent), then fed jobs.
+
+Local by default: a stage starts its own one-machine Ray with `workers` CPUs and stops it when its jobs are
+done. `base.ray_address` (or Ray's own `RAY_ADDRESS`) joins an existing cluster instead, whose nodes have
+the project installed and the data and models at the same paths.
+"""
 from __future__ import annotations
 
-import atexit
-import multiprocessing as mp
+import logging
 import os
 import signal
+import subprocess
+import sys
+import threading
 import traceback
-from multiprocessing.connection import Connection, wait
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from rsd.progress import deferred_stop, die_with_parent
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read when Ray is imported: a stage reports nothing home
+# Ray runs its workers at nice 15 (behind its own servers); here they are the stage's work, so at its priority
+os.environ.setdefault("RAY_worker_niceness", "0")
+
+import ray  # noqa: E402
+
+from rsd.progress import STOP_SIGNALS, deferred_stop, raise_if_stopped  # noqa: E402
+
+log = logging.getLogger("rsd.parallel")
 
 J = TypeVar("J")
 R = TypeVar("R")
 
+RESTARTS = 2
+"""A worker process that dies (a simulator crash, a killed process, a lost node) is started again, set up
+again, and its job rerun, this many times; then the run fails."""
+
+OBJECT_STORE_BYTES = 256 * 2**20
+"""The local Ray's shared-memory store: results are episodes (tens of MB at most), not datasets."""
+
+_cluster_address: str | None = None
+
+
+def use_cluster(address: str | None) -> None:
+    """Run later jobs on the Ray cluster at `address` (`base.ray_address`); None: `RAY_ADDRESS`, else local."""
+    global _cluster_address
+    _cluster_address = address or None
+
 
 class WorkerError(RuntimeError):
-    """A job, or a worker's set-up, failed in a worker process, or a worker died: the message says which job (or
-    the set-up) and why, with the worker's own exception type and text; its traceback is the cause."""
+    """A job, or a worker's set-up, failed in a worker process, or a worker died more often than it is
+    restarted: the message says which job (or the set-up) and why, with the worker's own exception type and
+    text; its traceback is the cause."""
 
     def __init__(self, message: str, job: Any = None, error_type: str | None = None, error_text: str | None = None) -> None:
         super().__init__(message)
@@ -42,168 +71,183 @@ def describe_job(job: Any) -> str:
 def run_unordered(fn: Callable[[J], R], jobs: Iterable[J], workers: int,
                   initializer: Callable[..., None] | None = None, initargs: tuple[Any, ...] = (),
                   describe: Callable[[J], str] = describe_job) -> Iterator[R]:
-    """Yield `fn(job)` for every job as results arrive, from `workers` fresh (spawned) processes.
+    """Yield `fn(job)` for every job as results arrive, from `workers` Ray actors.
 
-    Jobs are handed out in order, so jobs of the same task sent together let a worker reuse its env.
-    `initializer(*initargs)` sets each worker up (builds its agent) before its first job.
+    Jobs are handed out in order, each to the next free worker, so jobs of the same task sent together let a
+    worker reuse its env. `initializer(*initargs)` sets each worker up (builds its agent) before its first job.
 
-    Any failure fails the whole run with a `WorkerError` raised here, naming the job as `describe` says it
-    and carrying the worker's exception type and text (its traceback as the cause): an exception in a job,
-    one in the initializer (a checkpoint that does not load), a result that cannot be sent back, a worker
-    that dies (a simulator crash, a kill). However the run ends (done, failed, left early, a stop signal in
-    the stage), the workers are terminated, not waited for. They also die with the process that started
-    them (Linux), so killing a stage leaves no simulator running on.
+    A worker that dies is restarted (`RESTARTS` times) and its job rerun, so a stage's results do not depend
+    on it. Any other failure fails the whole run with a `WorkerError` raised here, naming the job as
+    `describe` says it and carrying the worker's exception type and text (its traceback as the cause): an
+    exception in a job, one in the initializer (a checkpoint that does not load), a result that cannot be
+    sent back. However the run ends (done, failed, left early, a stop signal in the stage), the workers are
+    killed, not waited for; a local Ray dies with the process that started it (Linux), so killing a stage
+    leaves no simulator running on.
     """
     jobs = list(jobs)
     if not jobs:
         return
-    ctx = mp.get_context("spawn")
     count = max(1, min(workers, len(jobs)))
-    setup = getattr(initializer, "__qualname__", repr(initializer))
-    queue = ctx.Queue()
-    pool: list[_Worker] = []
+    started = _connect(count)
+    actors: list[Any] = []
     try:
-        for index, job in enumerate(jobs):
-            try:  # here, not in the queue's feeder thread, where a failure would be printed and the job lost
-                payload = bytes(ForkingPickler.dumps(job))
-            except Exception as exc:
-                raise WorkerError(f"{describe(job)} cannot be sent to a worker process: {type(exc).__name__}: {exc}",
-                                  job, type(exc).__name__, str(exc)) from exc
-            queue.put((index, payload))
-        for _ in range(count):
-            queue.put(None)  # one stop per worker, after every job
-        with deferred_stop():  # every worker started is in `pool`, for the clean-up below
-            for _ in range(count):
-                receiver, sender = ctx.Pipe(duplex=False)
-                process = ctx.Process(target=_work, args=(fn, queue, sender, initializer, initargs, os.getpid()),
-                                      name="rsd-worker")
-                process.start()
-                _started.add(process)
-                sender.close()
-                pool.append(_Worker(process, receiver))
-        left = len(jobs)
-        while left:
-            open_workers = [w for w in pool if w.receiver is not None]
-            if not open_workers:
-                raise WorkerError(f"every worker process exited with {left} job(s) not done")
-            wait([w.receiver for w in open_workers] + [w.process.sentinel for w in open_workers])
-            for worker in open_workers:
-                for kind, index, payload in worker.messages():
-                    if kind == "ready":
-                        worker.set_up = True
-                    elif kind == "start":
-                        worker.running = index
-                    elif kind == "done":
-                        worker.running = None
-                        left -= 1
-                        yield payload
-                    elif kind == "failed":
-                        error_type, text, trace = payload
-                        raise WorkerError(f"{describe(jobs[index])} failed in a worker process: {error_type}: {text}",
-                                          jobs[index], error_type, text) from WorkerTraceback(trace)
-                    else:  # "setup"
-                        error_type, text, trace = payload
-                        raise WorkerError(f"a worker process failed to set up ({setup}): {error_type}: {text}",
-                                          None, error_type, text) from WorkerTraceback(trace)
-                if worker.receiver is None and (worker.running is not None or worker.process.exitcode != 0):
-                    job = None if worker.running is None else jobs[worker.running]
-                    doing = (f"while running {describe(job)}" if job is not None
-                             else "between jobs" if worker.set_up else f"while setting up ({setup})")
-                    raise WorkerError(f"a worker process (pid {worker.process.pid}) died {doing}: "
-                                      f"{_exit_status(worker.process.exitcode)}", job)
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if cpus < count:  # more actors than CPUs would leave some never placed, holding their first job
+            log.warning("%d workers asked for, the Ray cluster has %d CPUs: running %d", count, cpus, max(cpus, 1))
+            count = max(cpus, 1)
+        actors = [_Worker.remote(fn, initializer, initargs) for _ in range(count)]
+        running: dict[Any, tuple[Any, int]] = {}  # result ref -> (actor, job index)
+        queued = iter(range(len(jobs)))
+
+        def hand_out(actor: Any) -> None:
+            if (index := next(queued, None)) is not None:
+                try:
+                    running[actor.run.remote(jobs[index])] = (actor, index)
+                except Exception as exc:  # pickling the job, here rather than in the worker
+                    raise WorkerError(f"{describe(jobs[index])} cannot be sent to a worker process: "
+                                      f"{type(exc).__name__}: {exc}", jobs[index], type(exc).__name__, str(exc)) from exc
+
+        for actor in actors:
+            hand_out(actor)
+        while running:
+            try:
+                (ref,), _ = ray.wait(list(running), num_returns=1)
+            except SystemExit as exc:  # a stop signal inside Ray's wait comes out as SystemExit(1)
+                raise_if_stopped(exc)
+                raise
+            actor, index = running.pop(ref)
+            job = jobs[index]
+            try:
+                kind, payload = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                raise WorkerError(f"a worker process died while running {describe(job)}, "
+                                  f"{RESTARTS + 1} times: {_first_line(exc)}", job) from exc
+            except ray.exceptions.RayError as exc:  # the result could not be sent back
+                raise WorkerError(f"{describe(job)} failed in a worker process: {_first_line(exc)}", job,
+                                  type(exc).__name__, str(exc)) from exc
+            if kind == "failed":
+                error_type, text, trace = payload
+                raise WorkerError(f"{describe(job)} failed in a worker process: {error_type}: {text}",
+                                  job, error_type, text) from WorkerTraceback(trace)
+            if kind == "setup":
+                error_type, text, trace = payload
+                setup = getattr(initializer, "__qualname__", repr(initializer))
+                raise WorkerError(f"a worker process failed to set up ({setup}): {error_type}: {text}",
+                                  None, error_type, text) from WorkerTraceback(trace)
+            yield payload
+            hand_out(actor)
     finally:
         with deferred_stop():  # a stop signal now must not leave a worker running
-            _terminate([w.process for w in pool])
-            for worker in pool:
-                worker.close()
-            queue.close()
-            queue.cancel_join_thread()  # jobs no worker took: nothing waits to deliver them
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            if started:
+                ray.shutdown()
+                _stop_reaper()
 
 
+def _connect(workers: int) -> bool:
+    """Connect to the cluster asked for, or start a local Ray with `workers` CPUs; True when this call did
+    (and its run must disconnect)."""
+    if ray.is_initialized():
+        return False
+    address = _cluster_address or os.environ.get("RAY_ADDRESS")
+    quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
+    # Ray's core installs its own SIGTERM handler (it prints a stack and exits): the stage's own handlers
+    # (a stop signal as an orderly exit, rsd.progress) are put back
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    if address:
+        ray.init(address=address, **quiet)  # the cluster kills this driver's actors when it dies
+    else:
+        ray.init(address="local", num_cpus=workers, object_store_memory=OBJECT_STORE_BYTES, **quiet)  # never one `ray start` left here
+        _start_reaper()
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+    return True
+
+
+_REAPER = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+driver, me = int(sys.argv[1]), os.getpid()
+
+def descendants():
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append((int(entry), fields[19]))
+    found, frontier = {}, [driver]
+    while frontier:
+        for pid, start in children.get(frontier.pop(), []):
+            if pid != me:
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+last = {}
+while os.getppid() == driver:
+    last = descendants()
+    time.sleep(1.0)
+for pid, start in last.items():
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            same = f.read().rsplit(")", 1)[1].split()[19] == start
+        if same:
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, IndexError):
+        pass
+"""
+"""Watches the stage's local Ray: when the stage dies, every process it had started dies too. Ray's servers
+die with it by themselves, its workers with them, but its dashboard and runtime-env agents outlive a killed
+stage (they wait on the dead servers)."""
+
+_reaper: subprocess.Popen | None = None
+
+
+def _start_reaper() -> None:
+    global _reaper
+    if sys.platform.startswith("linux") and _reaper is None:
+        _reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid())], stdin=subprocess.DEVNULL)
+
+
+def _stop_reaper() -> None:
+    global _reaper
+    if _reaper is not None:
+        _reaper.kill()
+        _reaper.wait()
+        _reaper = None
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+@ray.remote(num_cpus=1, max_restarts=RESTARTS, max_task_retries=RESTARTS)
 class _Worker:
-    """One worker process as the parent sees it: its result pipe, the job it runs, whether it is set up."""
+    """One worker process: set up before its first job (again after a restart), then one job a call."""
 
-    def __init__(self, process: mp.process.BaseProcess, receiver: Connection) -> None:
-        self.process, self.receiver = process, receiver
-        self.running: int | None = None
+    def __init__(self, fn: Callable[[Any], Any], initializer: Callable[..., None] | None,
+                 initargs: tuple[Any, ...]) -> None:
+        self.fn, self.initializer, self.initargs = fn, initializer, initargs
         self.set_up = False
 
-    def messages(self) -> Iterator[tuple[str, int | None, Any]]:
-        """The messages waiting on the pipe; at its end (the worker exited) the pipe is closed and the
-        process reaped, so that `exitcode` says how it ended."""
-        while self.receiver is not None and self.receiver.poll():
+    def run(self, job: Any) -> tuple[str, Any]:
+        if not self.set_up:
             try:
-                message = self.receiver.recv()
-            except (EOFError, OSError):
-                self.close()
-                self.process.join(10)
-                return
-            yield message
-        if self.receiver is not None and not self.process.is_alive():  # exited, its pipe held open elsewhere
-            self.close()
-
-    def close(self) -> None:
-        if self.receiver is not None:
-            self.receiver.close()
-            self.receiver = None
-
-
-def _exit_status(code: int | None) -> str:
-    if code is None:
-        return "still running, its result pipe closed"
-    if code < 0:
+                if self.initializer is not None:
+                    self.initializer(*self.initargs)
+            except BaseException as exc:
+                return "setup", _error(exc)
+            self.set_up = True
         try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-_started: set[mp.process.BaseProcess] = set()
-"""Workers not yet terminated: the safety net below terminates them if their run was never closed."""
-
-
-def _terminate(processes: list[mp.process.BaseProcess]) -> None:
-    """SIGTERM (a worker dies at once: it has nothing to save), then SIGKILL whatever still runs."""
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(5)
-        if process.is_alive():
-            process.kill()
-            process.join()
-        _started.discard(process)
-
-
-atexit.register(lambda: _terminate(list(_started)))
-
-
-def _work(fn: Callable[[Any], Any], queue: Any, results: Connection, initializer: Callable[..., None] | None,
-          initargs: tuple[Any, ...], parent: int) -> None:
-    """A worker process: set up, then run jobs from the queue until its stop, each result sent back."""
-    # Ctrl-C reaches the whole process group: the parent answers it, and terminates its workers
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
-    if os.getppid() != parent:
-        return  # the parent died before this process asked to die with it
-    try:
-        if initializer is not None:
-            initializer(*initargs)
-    except BaseException as exc:
-        results.send(("setup", None, _error(exc)))
-        return
-    results.send(("ready", None, None))
-    while (item := queue.get()) is not None:
-        index, payload = item
-        results.send(("start", index, None))
-        try:
-            message = ("done", index, fn(ForkingPickler.loads(payload)))
-            data = ForkingPickler.dumps(message)
+            return "done", self.fn(job)
         except BaseException as exc:
-            results.send(("failed", index, _error(exc)))
-            return
-        results.send_bytes(data)
+            return "failed", _error(exc)
 
 
 def _error(exc: BaseException) -> tuple[str, str, str]:

@@ -144,10 +144,16 @@ class BaseConfig(Config):
     """The one seed of the pipeline: placements, data splits, weight initialisation."""
     device: str = "cpu"
     """Where models run: `cpu`, `cuda`, or `auto` (cuda when present)."""
+    ray_address: str | None = None
+    """The Ray cluster that runs the rollout stages' episodes (its head's `host:port`, or `auto`); None: Ray's
+    own `RAY_ADDRESS` if set, else a local Ray per stage with the stage's `workers` CPUs. Where an episode
+    runs changes none of its numbers, so no stage depends on this param."""
 
     def validate(self) -> None:
         self.check(self.seed >= 0, "seed", "a non-negative int")
         self.check(self.device in ("cpu", "cuda", "auto"), "device", "one of cpu, cuda, auto")
+        self.check(self.ray_address is None or (isinstance(self.ray_address, str) and self.ray_address.strip() != ""),
+                   "ray_address", "null or a Ray cluster address (host:port of its head, or auto)")
 
     def torch_device(self) -> str:
         import torch

@@ -14,6 +14,7 @@ from rsd.recording import record_observations
 from rsd.engine import MODES, EngineConfig, load_engine
 from rsd.evaluation import EvalConfig
 from rsd.io import write_json
+from rsd.parallel import use_cluster
 from rsd.params import BaseConfig, load_params, section, stage_args
 from rsd.sim.env import SimConfig
 
@@ -22,6 +23,7 @@ def main() -> None:
     args = stage_args(__doc__, "policy", "tokenizer", "draft", "verdict", "metrics", "observations")
     params = load_params()
     base = section(params, "base", BaseConfig)
+    use_cluster(base.ray_address)
     config = section(params, "bench", BenchConfig)
     engines = section(params, "eval", EvalConfig)  # the draft's precision, the gate and the relaxed rule, as evaluated
     device = base.torch_device()

@@ -8,6 +8,7 @@ from functools import partial
 from rsd.collect import CollectConfig, collect
 from rsd.engine import EngineConfig, load_engine
 from rsd.io import write_json
+from rsd.parallel import use_cluster
 from rsd.params import BaseConfig, load_params, section, stage_args
 from rsd.sim.env import SimConfig
 
@@ -16,6 +17,7 @@ def main() -> None:
     args = stage_args(__doc__, "policy", "tokenizer", "samples", "metrics")
     params = load_params()
     base = section(params, "base", BaseConfig)
+    use_cluster(base.ray_address)
     make_agent = partial(load_engine, str(args.policy), str(args.tokenizer), None, EngineConfig(), base.torch_device())
     samples, metrics = collect(make_agent, section(params, "collect", CollectConfig), section(params, "sim", SimConfig),
                                base.seed)

@@ -7,6 +7,7 @@ import logging
 
 from rsd.demos import DemosConfig, make_demos
 from rsd.io import write_json
+from rsd.parallel import use_cluster
 from rsd.params import BaseConfig, load_params, section, stage_args
 from rsd.sim.env import SimConfig
 
@@ -17,6 +18,7 @@ def main() -> None:
     args = stage_args(__doc__, "demos_dir", "metrics")
     params = load_params()
     base = section(params, "base", BaseConfig)
+    use_cluster(base.ray_address)
     metrics = make_demos(section(params, "demos", DemosConfig), section(params, "sim", SimConfig), base.seed,
                          args.demos_dir)
     write_json(args.metrics, metrics)

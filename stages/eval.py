@@ -15,6 +15,7 @@ from pathlib import Path
 from rsd.engine import load_engine
 from rsd.evaluation import EvalConfig, evaluate
 from rsd.io import write_json
+from rsd.parallel import use_cluster
 from rsd.params import BaseConfig, load_params, section, start_stage
 from rsd.sim.env import SimConfig
 
@@ -39,6 +40,7 @@ def main() -> None:
 
     params = load_params()
     base = section(params, "base", BaseConfig)
+    use_cluster(base.ray_address)
     config = section(params, "eval", EvalConfig)
     make_agent = partial(load_engine, str(args.policy), str(args.tokenizer), None if args.draft is None else str(args.draft),
                          config.engine_config(mode), base.torch_device())

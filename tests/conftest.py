@@ -4,6 +4,14 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
+# Every Ray of the session (local ones, the two-node cluster) authenticates with the one token in
+# ~/.ray/auth_token, made by the first; set before Ray is imported, which reads it once.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+# Ray's worker processes import the jobs' functions by module name: this folder's test modules too.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")) if p)
+
 
 # ---- a real S3 endpoint on loopback, for the DVC remote tests ------------------------------------------
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rsd.parallel import WorkerError, WorkerTraceback, run_unordered
+from rsd.parallel import RESTARTS, WorkerError, WorkerTraceback, run_unordered
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +53,24 @@ def test_jobs_are_handed_out_in_order() -> None:
     assert list(run_unordered(square, range(6), workers=1)) == [0, 1, 4, 9, 16, 25]
 
 
-def test_a_dead_worker_fails_the_run_naming_its_job() -> None:
-    with pytest.raises(WorkerError, match=r"^a worker process \(pid \d+\) died while running job 7: killed by SIGKILL$"):
+def die_once(job: tuple[str, int]) -> int:
+    """Kill this worker process the first time the job runs (a marker file says it ran), then succeed."""
+    folder, index = job
+    marker = Path(folder, f"ran-{index}")
+    if not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return index
+
+
+def test_a_killed_worker_is_restarted_and_its_job_rerun(tmp_path: Path) -> None:
+    jobs = [(str(tmp_path), i) for i in range(4)]
+    assert sorted(run_unordered(die_once, jobs, workers=2)) == [0, 1, 2, 3]
+    assert len(list(tmp_path.glob("ran-*"))) == 4  # every job's first run was killed
+
+
+def test_a_worker_that_always_dies_fails_the_run_naming_its_job() -> None:
+    with pytest.raises(WorkerError, match=rf"^a worker process died while running job 7, {RESTARTS + 1} times: "):
         list(run_unordered(die, [7], workers=1))
 
 
@@ -104,25 +120,44 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
 def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """SIGKILL to the stage: its local Ray (and so every worker) goes with it."""
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, time
+        from pathlib import Path
         sys.path.insert(0, {str(ROOT)!r})
         from rsd.parallel import run_unordered
 
-        def report_and_wait(_):
-            print(os.getpid(), flush=True)
+        def report_and_wait(index):
+            Path({str(tmp_path)!r}, f"worker-{{os.getpid()}}").touch()
             time.sleep(60)
 
         if __name__ == "__main__":
             for _ in run_unordered(report_and_wait, [0, 1], workers=2):
                 pass
     """))
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    workers = [int(parent.stdout.readline()) for _ in range(2)]
+    parent = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("worker-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+    assert len(workers) == 2
+    ray_processes = _children(parent.pid)
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 10
-    while any(map(_alive, workers)) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 20
+    while any(map(_alive, workers + ray_processes)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(map(_alive, workers))
+    assert not any(map(_alive, workers)) and not any(map(_alive, ray_processes))
+
+
+def _children(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc): a local Ray's servers and, below them, its workers."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                found.append(int(child))
+                frontier.append(int(child))
+    return found

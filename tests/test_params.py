@@ -38,6 +38,7 @@ def test_every_section_names_a_config_whose_prefix_is_the_section() -> None:
     (("sim", "fast_render", "yes"), "sim.fast_render must be true or false, got 'yes'"),
     (("bench", "warmup", -1), "bench.warmup must be a non-negative int, got -1"),
     (("demos", "atempts_per_task", 3), "params: unknown key(s) demos.atempts_per_task"),
+    (("base", "ray_address", " "), "base.ray_address must be null or a Ray cluster address"),
 ])
 def test_a_bad_value_is_refused_naming_section_and_key(params: dict, edit: tuple, message: str) -> None:
     name, key, value = edit
