@@ -158,7 +158,7 @@ def _connect(workers: int) -> bool:
     if address:
         ray.init(address=address, **quiet)  # the cluster kills this driver's actors when it dies
     else:
-        ray.init(address="local", num_cpus=workers, object_store_memory=OBJECT_STORE_BYTES, **quiet)  # never one `ray start` left here
+        ray.init(address="local", num_cpus=workers, object_store_memory=OBJECT_STORE_BYTES, **quiet)  # a new one, not a `ray start` cluster found on this machine
         _start_reaper()
     if threading.current_thread() is threading.main_thread():
         for signum, handler in handlers.items():
