@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from procs import alive, descendants
 import rsd.parallel
 from rsd.engine import EngineConfig, Prediction, RSDEngine
 from rsd.evaluation import EvalConfig, evaluate
@@ -74,26 +75,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _descendants(pid: int) -> list[int]:
-    found, frontier = [], [pid]
-    while frontier:
-        for task in Path(f"/proc/{frontier.pop()}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            frontier += children
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A head node and a second node, one CPU each, started with `ray start --block` (so that they are this
@@ -113,14 +94,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _wait_for_nodes(address, 2, nodes)
         yield address
     finally:
-        started = [pid for node in nodes for pid in _descendants(node.pid)]
+        started = [pid for node in nodes for pid in descendants(node.pid)]
         for node in nodes[::-1]:
             node.send_signal(signal.SIGTERM)
             node.wait(60)
         deadline = time.monotonic() + 30
-        while any(map(_alive, started)) and time.monotonic() < deadline:
+        while any(map(alive, started)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = [pid for pid in started if _alive(pid)]
+        left = [pid for pid in started if alive(pid)]
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         assert not left, f"processes the nodes started outlived them: {left}"

@@ -18,6 +18,7 @@ from typing import Callable
 import pytest
 import torch
 
+from procs import alive, parent
 import rsd.io
 import rsd.progress
 from rsd.io import atomic_path, save_torch, write_json
@@ -61,19 +62,6 @@ STAGE = textwrap.dedent(f"""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -86,7 +74,7 @@ def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
 def _kill(pids: list[int]) -> None:
     """The processes a test started, by pid, if a failed test left any."""
     for pid in pids:
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -123,12 +111,12 @@ def test_sigterm_to_dvc_repro_stops_the_stage_and_its_workers(tmp_path: Path, sh
     try:
         stage, workers = _running_stage(pids, dvc, log)
         started += [stage, *workers]
-        if _parent(stage) != dvc.pid:
-            started.append(_parent(stage))  # the shell
-        assert (_parent(stage) == dvc.pid) == (shell is not None)
+        if parent(stage) != dvc.pid:
+            started.append(parent(stage))  # the shell
+        assert (parent(stage) == dvc.pid) == (shell is not None)
         dvc.send_signal(signal.SIGTERM)
         dvc.wait(10)
-        assert _wait_for(lambda: not any(map(_alive, started)), 15), f"still running: {[p for p in started if _alive(p)]}"
+        assert _wait_for(lambda: not any(map(alive, started)), 15), f"still running: {[p for p in started if alive(p)]}"
         assert not (project / "out.json").exists() and _leftovers(project) == []
         assert "SIGTERM received: stopping" in log.read_text()
     finally:
@@ -153,7 +141,7 @@ def test_a_signalled_stage_exits_non_zero_and_writes_nothing(tmp_path: Path, sig
         started += workers
         proc.send_signal(signum)
         assert proc.wait(15) == 128 + signum
-        assert not any(map(_alive, workers))  # terminated before the stage exited, not left to the parent-death signal
+        assert not any(map(alive, workers))  # terminated before the stage exited, not left to the parent-death signal
         assert not (tmp_path / "out.json").exists() and _leftovers(tmp_path) == []
         assert f"{signal.Signals(signum).name} received: stopping" in log.read_text()
     finally:

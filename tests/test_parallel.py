@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from procs import alive, descendants
 from rsd.parallel import RESTARTS, WorkerError, WorkerTraceback, run_unordered
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,15 +108,7 @@ def test_leaving_early_terminates_a_running_worker(tmp_path: Path) -> None:
     (marker,) = tmp_path.glob("1-*")
     start = time.monotonic()
     results.close()
-    assert time.monotonic() - start < 5 and not _alive(int(marker.name.split("-")[1]))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    assert time.monotonic() - start < 5 and not alive(int(marker.name.split("-")[1]))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
@@ -142,22 +135,10 @@ def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
         time.sleep(0.1)
     workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
     assert len(workers) == 2
-    ray_processes = _children(parent.pid)
+    ray_processes = descendants(parent.pid)
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 20
-    while any(map(_alive, workers + ray_processes)) and time.monotonic() < deadline:
+    while any(map(alive, workers + ray_processes)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(map(_alive, workers)) and not any(map(_alive, ray_processes))
-
-
-def _children(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc): a local Ray's servers and, below them, its workers."""
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for task in Path(f"/proc/{parent}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                found.append(int(child))
-                frontier.append(int(child))
-    return found
+    assert not any(map(alive, workers)) and not any(map(alive, ray_processes))
