@@ -23,7 +23,7 @@ def parent(pid: int) -> int:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, children first; processes that end meanwhile are skipped."""
+    """Every process below `pid`; processes that end meanwhile are skipped."""
     found, frontier = [], [pid]
     while frontier:
         for task in Path(f"/proc/{frontier.pop()}/task").glob("*"):
