@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from rsd.config import Config
 from rsd.contract import CHUNK_LEN
-from rsd.draft.model import RFSQDraftModelWithProjection, load_draft, proposer
-from rsd.engine import MODES, EngineConfig, Prediction, RSDEngine
+from rsd.draft.model import RFSQDraftModelWithProjection, in_precision, load_draft, proposer
+from rsd.engine import DRAFT_DTYPES, MODES, EngineConfig, Prediction, RSDEngine
 from rsd.io import atomic_path
 from rsd.policy.model import MainPolicy
 from rsd.progress import Progress
@@ -354,6 +354,27 @@ def gate_summary(gated: list[Prediction], ungated: list[Prediction], min_kept_la
             "missed_share": _r((~went & pays).mean())}
 
 
+def draft_call_ms(draft: Any, predictions: list[Prediction], warmup: int) -> dict[str, float]:
+    """The draft's inference call alone in each precision (`eval.draft_precision`), on the hidden states and
+    layer-0 codes of `predictions` (no-draft calls), the precisions taking turns -> median ms of each. Which is
+    cheaper depends on the CPU: bf16 kernels pay off on wide products, this draft's are narrow."""
+    if not isinstance(draft, RFSQDraftModelWithProjection):
+        return {}
+    calls = {name: proposer(in_precision(draft, dtype)) for name, dtype in DRAFT_DTYPES.items()}
+    device = next(draft.parameters()).device
+    inputs = [(p.hidden_state[None].to(device), _layer_codes(p.tokens)[:1].to(device)) for p in predictions]
+    ms: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for i in range(warmup + len(inputs)):
+            hidden, layer0 = inputs[i % len(inputs)]
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call(hidden, layer0).argmax(-1).cpu()
+                if i >= warmup:
+                    ms[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _r(np.median(values), 3) for name, values in ms.items()}
+
+
 def break_even_layers(speculating_ms: dict[str, float], layer_pass_ms: float) -> float:
     """What speculating costs beyond a no-draft call, in one-layer passes: the draft and the verify pass, less
     the one-layer pass the verify pass stands in for (`speculating_ms`: a speculating mode's breakdown). A
@@ -399,6 +420,7 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
         timed = time_engines({**engines, "perfect": PerfectDraftEngine(engines["strict"], observations, plain_tokens),
                               **sweep}, observations, config.repetitions, config.warmup, progress)
         speculating = {mode: [engine.predict(inputs) for inputs in observations] for mode, engine in ungated.items()}
+        draft_calls = draft_call_ms(relaxed.draft, timed["none"].first, config.warmup)
     finally:
         torch.set_num_threads(threads)
     plain = timed["none"]
@@ -451,6 +473,7 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
             "breakdown_ms": breakdown([p.stats for p in plain.first]),
         },
         "break_even_layers": break_even_layers(summaries["perfect"]["breakdown_ms"], layer_pass_ms),
+        "draft_call_ms": draft_calls,
         "acceptance_sweep": acceptance_sweep,
         "gate": gate,
         "near_tie_margin": config.near_tie_margin,

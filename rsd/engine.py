@@ -25,8 +25,9 @@ The gate: speculating costs the draft, a verify pass wider than a one-layer pass
 which pays only if main keeps enough draft layers. With `min_kept_layers` > 0 the engine keeps a running
 average of the layers kept per speculating call since `reset()` (an episode's start) and, while it is
 below that, decodes without the draft (not even running it), speculating only every `PROBE_EVERY`-th call
-to keep the average current. The average is of acceptance, not of time, so which calls speculate is a
-function of the episode's observations alone.
+to keep the average current; each probe that keeps nothing doubles the wait before the next (up to
+`MAX_PROBE_EVERY`), so a draft main never agrees with costs ever less. The average is of
+acceptance, not of time, so which calls speculate is a function of the episode's observations alone.
 
 Speed: a call runs under `torch.inference_mode` and reads back to the host once (the kept layer count,
 which the gate also reads); its statistics are computed when first read, after the
@@ -62,9 +63,9 @@ MODES = ("none", "strict", "relaxed")
 """Acceptance modes: no draft, then the two acceptance rules."""
 DRAFT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROBE_EVERY = 7
-"""While the gate holds speculation back, every this-many-th call still speculates (measuring acceptance). A
-prime, so that in the bench's rounds over its observations the probing calls fall on other observations each
-round rather than on the same few."""
+"""While the gate holds speculation back, the this-many-th call still speculates (measuring acceptance)."""
+MAX_PROBE_EVERY = 8 * PROBE_EVERY
+"""The longest wait between probes: each probe that keeps no draft layer doubles the wait, up to this."""
 KEPT_AVERAGE_WEIGHT = 0.25
 """Weight of the newest speculating call in the gate's running average of kept layers."""
 
@@ -83,13 +84,14 @@ class EngineConfig(Config):
     choices (as strict), 0 keeps every proposal."""
     min_kept_layers: float = 0.0
     """The gate: speculate while main keeps at least this many draft layers per speculating call, on a
-    running average since the episode began; below it, only every `PROBE_EVERY`-th call speculates. Set it
+    running average since the episode began; below it, only a probing call speculates, every `PROBE_EVERY`-th
+    at first and half as often after each probe that keeps nothing (down to one in `MAX_PROBE_EVERY`). Set it
     to what speculating costs beyond a no-draft call, in one-layer passes (the bench measures it as
     `break_even_layers`). 0 always speculates."""
     draft_precision: str = "fp32"
     """`fp32`, `bf16`, or `auto` (bf16 where it runs natively, rsd.hardware): the precision the draft model
-    runs in. bf16 halves its time on a CPU with AVX512-BF16 (and on a GPU) and doubles it on one without;
-    main checks every proposal, so strict decoding stays exact either way."""
+    runs in. Which is cheaper depends on the machine (the bench times both: `draft_call_ms`); emulated bf16
+    is always the slower. Main checks every proposal, so strict decoding stays exact either way."""
 
     def validate(self) -> None:
         self.check(self.mode in MODES, "mode", f"one of {', '.join(MODES)}")
@@ -168,23 +170,29 @@ class RSDEngine:
         """Forget the gate's running average: a new episode starts speculating."""
         self._kept_average: float | None = None
         self._calls_held_back = 0
+        self._probe_every = PROBE_EVERY
 
     def _gate_open(self) -> bool:
         """Speculate on this call? Yes when ungated, before any speculating call, while kept layers average at
-        least `min_kept_layers`, and on every `PROBE_EVERY`-th call held back."""
+        least `min_kept_layers`, and on a probing call."""
+        return self._paying() or self._calls_held_back >= self._probe_every - 1
+
+    def _paying(self) -> bool:
+        """Ungated, before any speculating call, or kept layers averaging at least `min_kept_layers`."""
         threshold = self.config.min_kept_layers
-        if threshold == 0 or self._kept_average is None or self._kept_average >= threshold:
-            return True
-        return self._calls_held_back >= PROBE_EVERY - 1
+        return threshold == 0 or self._kept_average is None or self._kept_average >= threshold
 
     def _gate_record(self, accepted: int | None) -> None:
         """What this call did: kept `accepted` draft layers, or (None) held back."""
         if accepted is None:
             self._calls_held_back += 1
             return
-        self._calls_held_back = 0
+        probing = not self._paying()
         previous = self._kept_average
         self._kept_average = accepted if previous is None else previous + KEPT_AVERAGE_WEIGHT * (accepted - previous)
+        # a probe that kept nothing: wait longer for the next; any kept layer: look again soon
+        self._probe_every = min(2 * self._probe_every, MAX_PROBE_EVERY) if probing and accepted == 0 else PROBE_EVERY
+        self._calls_held_back = 0
 
     # ---- one policy call ----------------------------------------------------------------------------
 

@@ -53,8 +53,8 @@ class EvalConfig(Config):
     share of the probability of its own choice (1: as strict; 0: every proposal). rsd.engine.EngineConfig."""
     min_kept_layers: float = 0.0
     """The gate of both draft variants: speculate while main keeps at least this many draft layers per
-    speculating call, averaged over the episode so far; below it, one call in rsd.engine.PROBE_EVERY does
-    (0: always speculate). rsd.engine.EngineConfig."""
+    speculating call, averaged over the episode so far; below it, only probing calls do, ever more rarely
+    while they keep nothing (0: always speculate). rsd.engine.EngineConfig."""
     draft_precision: str = "auto"
     """The draft model's precision in the draft variants (`fp32`, `bf16`, or `auto`: bf16 where it runs
     natively); main checks its proposals, so strict decoding stays exact either way."""

@@ -63,6 +63,7 @@ def test_benchmark_reports_both_modes(engines):
     assert set(metrics["strict"]["breakdown_ms"]) == {"inputs", "prefill", "draft", "verify", "passes", "decode", "rest"}
     assert set(metrics["no_draft"]["breakdown_ms"]) == {"inputs", "prefill", "passes", "decode", "rest"}
     assert metrics["no_draft"]["layer_pass_ms"] > 0 and metrics["strict"]["draft_model_ms"] > 0
+    assert set(metrics["draft_call_ms"]) == {"fp32", "bf16"} and min(metrics["draft_call_ms"].values()) > 0
     assert metrics["gate"]["strict"]["min_kept_layers"] == 0 and metrics["strict"]["speculated_share"] == 1.0  # ungated
     assert metrics["gate"]["strict"]["right_share"] + metrics["gate"]["strict"]["wasted_share"] == pytest.approx(1.0)
     assert metrics["break_even_layers"] == pytest.approx(

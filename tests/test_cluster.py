@@ -83,6 +83,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # RAY_AUTH_MODE=token: conftest.py
     logs = tmp_path_factory.mktemp("ray-nodes")
+    # `ray start` refuses to make the token itself; on a fresh machine this may be the session's first Ray
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, stdout=subprocess.DEVNULL)
     common = ["--block", "--num-cpus=1", "--disable-usage-stats"]
     nodes = [subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
                                "--resources={\"head\": 1}", *common],

@@ -150,8 +150,9 @@ def test_relaxed_keeps_a_layer_whose_codes_main_finds_plausible(parts):
 def test_the_gate_holds_speculation_back_while_it_does_not_pay(parts):
     """While main keeps fewer draft layers per speculating call than min_kept_layers (on the episode's running
     average), calls decode as without a draft, not even running it: same tokens, every main pass, no verify pass;
-    every PROBE_EVERY-th call still speculates, and reset() (a new episode) starts over."""
-    from rsd.engine import PROBE_EVERY
+    a probing call still speculates, the PROBE_EVERY-th at first, each probe that keeps nothing doubling the wait
+    up to MAX_PROBE_EVERY, and reset() (a new episode) starts over."""
+    from rsd.engine import MAX_PROBE_EVERY, PROBE_EVERY
 
     policy, tokenizer = parts
     inputs = observation(11)
@@ -160,9 +161,11 @@ def test_the_gate_holds_speculation_back_while_it_does_not_pay(parts):
     wrong[0, 1:] = (wrong[0, 1:] + 1) % 7  # layers 1 and 2 wrong everywhere: strict keeps nothing
     config = EngineConfig(mode="strict", min_kept_layers=0.5)
     engine = RSDEngine(policy, tokenizer, ScriptedDraft(256, wrong), config)
-    runs = [engine.predict(inputs) for _ in range(2 * PROBE_EVERY + 1)]
+    waits = [min(PROBE_EVERY * 2 ** i, MAX_PROBE_EVERY) for i in range(5)]  # 7, 14, 28, 56, 56
+    assert waits[-2:] == [MAX_PROBE_EVERY] * 2
+    runs = [engine.predict(inputs) for _ in range(1 + sum(waits))]
     went = [p.stats["speculated"] for p in runs]
-    assert went == [1] + ([0] * (PROBE_EVERY - 1) + [1]) * 2
+    assert went == [1] + sum(([0] * (wait - 1) + [1] for wait in waits), [])
     held = runs[1]
     assert held.stats["main_passes"] == 4 and held.stats["verify_ms"] == 0.0 and "token_acceptance" not in held.stats
     for prediction in runs:
@@ -172,6 +175,13 @@ def test_the_gate_holds_speculation_back_while_it_does_not_pay(parts):
     # a draft that pays keeps the gate open: every call speculates
     paying = RSDEngine(policy, tokenizer, ScriptedDraft(256, truth[:, :3]), config)
     assert [paying.predict(inputs).stats["accepted_layers"] for _ in range(3)] == [2, 2, 2]
+    # probes that keep a layer, though too few for the bar, keep probing every PROBE_EVERY-th call
+    one_right = truth[:, :3].clone()
+    one_right[0, 2] = (one_right[0, 2] + 1) % 7
+    short = RSDEngine(policy, tokenizer, ScriptedDraft(256, one_right), EngineConfig(mode="strict", min_kept_layers=1.5))
+    runs = [short.predict(inputs) for _ in range(1 + 3 * PROBE_EVERY)]
+    assert [p.stats["speculated"] for p in runs] == [1] + ([0] * (PROBE_EVERY - 1) + [1]) * 3
+    assert {p.stats["accepted_layers"] for p in runs if p.stats["speculated"]} == {1}
 
 
 def test_a_call_reports_where_its_time_went(parts):
