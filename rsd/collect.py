@@ -71,7 +71,7 @@ def _collect_episode(job: tuple[int, int, int, CollectConfig]) -> tuple[int, int
         probs.append(logits.softmax(dim=-1).to(torch.float16).cpu().numpy())
         steps.append(step)
 
-    success, _ = rollout(env, obs, worker_agent(), config.execute_steps, record, config.query_every_step)
+    success, _, _ = rollout(env, obs, worker_agent(), config.execute_steps, record, config.query_every_step)
     return task, episode, success, {"hidden_state": np.stack(hidden), "coarse_tokens": np.stack(coarse),
                                     "coarse_probs": np.stack(probs), "step": np.array(steps)}
 

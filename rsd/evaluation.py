@@ -114,17 +114,21 @@ def rollout(
     execute_steps: int,
     on_call: Callable[[int, Prediction], None],
     query_every_step: bool = False,
-) -> tuple[bool, int]:
-    """Run one episode from `obs` (what the env's reset returned) until success or the step budget.
+    max_steps: int | None = None,
+) -> tuple[bool, int, dict[str, Any]]:
+    """Run one episode from `obs` (what the env's reset returned) until success or the step budget
+    (`max_steps`, else the suite's).
 
     Each chunk's first `execute_steps` actions run open loop. With `query_every_step` the agent is also
     asked at the steps in between (for data: what it would say there), without changing what runs.
-    `on_call(step, prediction)` sees every call. Returns (success, steps). The agent is reset first, so an
-    episode's calls depend on that episode alone, whichever worker runs it after whichever others.
+    `on_call(step, prediction)` sees every call. Returns (success, steps, the last observation). The agent
+    is reset first, so an episode's calls depend on that episode alone, whichever worker runs it after
+    whichever others.
     """
     agent.reset()
+    budget = env.config.max_steps if max_steps is None else max_steps
     steps, success, chunk, start = 0, False, None, 0
-    while steps < env.config.max_steps and not success:
+    while steps < budget and not success:
         if chunk is None or steps - start >= execute_steps or query_every_step:
             prediction = agent.predict(env.model_inputs(obs))
             on_call(steps, prediction)
@@ -134,7 +138,7 @@ def rollout(
         steps += 1
         call_due = query_every_step or steps - start >= execute_steps
         obs, success = env.step(action, render=call_due)  # images only where a call will read them
-    return success, steps
+    return success, steps, obs
 
 
 def _run_episode(job: tuple[int, int, int]) -> Episode:
@@ -142,7 +146,7 @@ def _run_episode(job: tuple[int, int, int]) -> Episode:
     env = worker_env(task)
     obs = env.reset(init_state=init_state)
     calls: list[dict[str, float]] = []
-    success, steps = rollout(env, obs, worker_agent(), execute_steps, lambda _, p: calls.append(p.stats))
+    success, steps, _ = rollout(env, obs, worker_agent(), execute_steps, lambda _, p: calls.append(p.stats))
     return Episode(task, init_state, success, steps, calls, peak_memory_gb())
 
 

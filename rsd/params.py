@@ -30,6 +30,8 @@ SECTIONS: dict[str, str] = {
     "demos": "rsd.demos:DemosConfig",
     "tokenizer": "rsd.tokenizer.config:TokenizerConfig",
     "policy": "rsd.policy.train:PolicyTrainConfig",
+    "recover": "rsd.recovery:RecoverConfig",
+    "dagger": "rsd.policy.train:DaggerConfig",
     "collect": "rsd.collect:CollectConfig",
     "train": "rsd.draft.config:DraftTrainConfig",
     "verify": "rsd.draft.config:VerifyConfig",

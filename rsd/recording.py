@@ -53,7 +53,7 @@ def _record_episode(job: tuple[int, int, int, int]) -> tuple[int, int, bool, lis
     env = worker_env(task)
     obs = env.reset(seed=seed)
     recorder, steps = _Recorder(worker_agent()), []
-    success, _ = rollout(env, obs, recorder, execute_steps, lambda step, _: steps.append(step))
+    success, _, _ = rollout(env, obs, recorder, execute_steps, lambda step, _: steps.append(step))
     return task, episode, success, list(zip(steps, recorder.inputs))
 
 

@@ -74,6 +74,11 @@ def check_stage_metrics(name: str, metrics: dict[str, Any], smoke: dict[str, Any
         assert all(0 <= m < 1 for m in metrics["mae_by_layers"]), metrics
     elif name == "policy":
         assert metrics["train_samples"] > 0 and metrics["val_loss"] > 0, metrics
+    elif name == "recover":
+        assert metrics["episodes"] == episodes("recover", "episodes_per_task"), metrics
+        assert metrics["kept"] <= metrics["takeovers"] <= metrics["episodes"], metrics
+    elif name == "dagger":
+        assert metrics["recovery_episodes"] >= 0 and metrics["train_samples"] > 0 and metrics["val_loss"] > 0, metrics
     elif name == "collect":
         assert metrics["episodes"] == episodes("collect", "episodes_per_task") and metrics["samples"] > 0, metrics
     elif name == "train":

@@ -107,6 +107,26 @@ class PolicyTrainConfig(Config):
 
 
 @dataclass
+class DaggerConfig(Config):
+    """How the behaviour-cloned policy is trained further on the demos and the recovery demos (params.yaml
+    `dagger`); everything else (batch size, augmentation, layer weights, precision) is the `policy` section's."""
+
+    prefix: ClassVar[str] = "dagger"
+
+    epochs: int = 2
+    """Passes over the aggregated training samples."""
+    lr: float = 3e-4
+    """AdamW peak learning rate: below the first training's, since the policy is trained already."""
+    warmup_steps: int = 50
+    """Linear warmup steps (a fresh optimizer has no moment estimates yet)."""
+
+    def validate(self) -> None:
+        self.check(self.epochs >= 1, "epochs", "a positive int")
+        self.check(self.lr > 0, "lr", "> 0")
+        self.check(self.warmup_steps >= 0, "warmup_steps", "a non-negative int")
+
+
+@dataclass
 class BCSamples:
     """One sample per demo step: what the policy saw there and the tokens of the chunk it should emit."""
 
@@ -165,6 +185,15 @@ def build_samples(tasks: list[TaskDemos], tokenizer: RFSQTokenizer, image_size: 
     return BCSamples(torch.cat(images), torch.cat(proprio), torch.cat(instruction), torch.cat(tokens), instructions)
 
 
+def check_recoveries(tasks: list[TaskDemos], recoveries: list[TaskDemos]) -> None:
+    """Refuse recovery demos of a task the demos do not hold (by name and instruction)."""
+    known = {t.task_name: t.instruction for t in tasks}
+    for task in recoveries:
+        if known.get(task.task_name) != task.instruction:
+            raise ValueError(f"recovery demos of task {task.task_name!r} match no task of the demos "
+                             f"(known: {', '.join(sorted(known))})")
+
+
 def split_by_task(tasks: list[TaskDemos], val_fraction: float, seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(task, demo) pairs for training and validation: every task keeps some episodes of each."""
     train, val = [], []
@@ -191,14 +220,24 @@ def evaluate(policy: MainPolicy, samples: BCSamples, batch_size: int = 256) -> t
 
 
 def train_policy(tasks: list[TaskDemos], tokenizer: RFSQTokenizer, config: PolicyTrainConfig,
-                 live: Live | None = None) -> tuple[MainPolicy, dict[str, Any]]:
+                 live: Live | None = None, init: MainPolicy | None = None,
+                 recoveries: list[TaskDemos] | None = None) -> tuple[MainPolicy, dict[str, Any]]:
     """Behaviour cloning; returns the trained policy (the last epoch's) and its metrics. `live` is an
-    optional dvclive.Live. Everything runs with `config.num_threads` CPU threads, restored after."""
+    optional dvclive.Live. Everything runs with `config.num_threads` CPU threads, restored after.
+
+    `init` trains an existing policy further (its architecture and input statistics kept) instead of a
+    new one; `recoveries` (tasks of `tasks`, by name) are extra training episodes, never validation, so
+    that a policy trained further is validated on the same held-out demos as before."""
     with torch_threads(config.num_threads):
         torch.manual_seed(config.seed)
-        policy_config = config.policy_config(build_vocab([t.instruction for t in tasks]), tokenizer.config.num_layers,
-                                             tokenizer.config.levels)
-        policy = MainPolicy(policy_config, tokenizer.fingerprint())  # the checkpoint records which tokenizer it learnt
+        if init is None:
+            policy_config = config.policy_config(build_vocab([t.instruction for t in tasks]),
+                                                 tokenizer.config.num_layers, tokenizer.config.levels)
+            policy = MainPolicy(policy_config, tokenizer.fingerprint())  # the checkpoint records which tokenizer it learnt
+        else:
+            policy, policy_config = init, init.config
+            if init.tokenizer_fingerprint != tokenizer.fingerprint():
+                raise ValueError("the policy to train further learnt another tokenizer's codes")
         layer_weights = None
         if config.layer_weights is not None:
             if len(config.layer_weights) != policy_config.num_layers:
@@ -206,12 +245,18 @@ def train_policy(tasks: list[TaskDemos], tokenizer: RFSQTokenizer, config: Polic
                                  f"{policy_config.num_layers} residual layers")
             layer_weights = torch.tensor(config.layer_weights, dtype=torch.float32)
         train_eps, val_eps = split_by_task(tasks, config.val_fraction, config.seed)
-        train_samples = build_samples(tasks, tokenizer, policy_config.image_size, train_eps)
+        recoveries = recoveries or []
+        check_recoveries(tasks, recoveries)
+        pool = tasks + recoveries  # the (task, demo) pairs index into it
+        extra = [(len(tasks) + r, i) for r, task in enumerate(recoveries) for i in range(len(task.demos))]
+        train_samples = build_samples(pool, tokenizer, policy_config.image_size, train_eps + extra)
         val = build_samples(tasks, tokenizer, policy_config.image_size, val_eps)
-        policy.set_proprio_stats(train_samples.proprio)
+        if init is None:
+            policy.set_proprio_stats(train_samples.proprio)
         parameters = sum(p.numel() for p in policy.parameters())
-        log.info("main policy: %.2fM parameters; %d train samples (%d episodes), %d val samples (%d episodes)",
-                 parameters / 1e6, len(train_samples), len(train_eps), len(val), len(val_eps))
+        log.info("main policy: %.2fM parameters; %d train samples (%d episodes, %d of them recoveries), "
+                 "%d val samples (%d episodes)", parameters / 1e6, len(train_samples), len(train_eps) + len(extra),
+                 len(extra), len(val), len(val_eps))
 
         steps_per_epoch = len(train_samples) // config.batch_size  # whole batches only
         generator = torch.Generator().manual_seed(config.seed)
@@ -256,6 +301,7 @@ def train_policy(tasks: list[TaskDemos], tokenizer: RFSQTokenizer, config: Polic
             "parameters": parameters,
             "train_samples": len(train_samples),
             "val_samples": len(val),
-            "train_episodes": len(train_eps),
+            "train_episodes": len(train_eps) + len(extra),
+            **({"recovery_episodes": len(extra)} if init is not None else {}),  # a policy trained further
         }
     return policy, metrics

@@ -351,6 +351,11 @@ class LiberoEnv:
         """World position [3] of an object's or fixture's root body."""
         return self.sim.data.body_xpos[self.body_id(name)].copy()
 
+    def holds(self, name: str) -> bool:
+        """Both finger pads touch object `name`: the gripper holds it (robosuite's own grasp check)."""
+        env = self._env.env
+        return bool(env._check_grasp(env.robots[0].gripper, env.objects_dict[name]))
+
     def body_id(self, name: str) -> int:
         """MuJoCo body id of an object's or fixture's root body."""
         return self._env.env.obj_body_id[name]

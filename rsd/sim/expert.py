@@ -156,6 +156,15 @@ class ScriptedExpert:
         self.last_action = np.zeros(3)
         self._plan(obs)
 
+    def take_over(self, obs: dict) -> None:
+        """Start from the scene as another controller (a policy) left it: a bowl the gripper holds is
+        lifted and carried on from where it hangs; otherwise plan afresh from hover, which opens a gripper
+        closed on nothing."""
+        self.reset(obs)
+        if self.env.holds(self.bowl):
+            self.grasp_bottom = obs[f"{self.bowl}_pos"][2]
+            self._enter(Phase.LIFT, obs)
+
     def _plan(self, obs: dict) -> None:
         """Choose where to pinch and how high to lift for the scene as it is now, and start hovering."""
         sim = self.env.sim
@@ -395,6 +404,20 @@ def rollout_expert(env: LiberoEnv, seed: int, max_steps: int) -> ExpertEpisode:
     obs = env.reset(seed=seed)
     expert = ScriptedExpert(env)
     expert.reset(obs)
+    return run_expert(env, obs, expert, max_steps)
+
+
+def take_over(env: LiberoEnv, obs: dict, max_steps: int) -> ExpertEpisode:
+    """Run the expert from the state `env` is in now (`obs` its observation), as a policy left it, until
+    success or `max_steps` actions (see `ScriptedExpert.take_over`)."""
+    expert = ScriptedExpert(env)
+    expert.take_over(obs)
+    return run_expert(env, obs, expert, max_steps)
+
+
+def run_expert(env: LiberoEnv, obs: dict, expert: ScriptedExpert, max_steps: int) -> ExpertEpisode:
+    """Step `expert` from `obs` until success or `max_steps` actions, recording what LIBERO's demos record.
+    The steps do not render: a rendering env renders the recorded states afterwards, where frames are needed."""
     actions, states, low_dim = [], [], []
     success = False
     for _ in range(max_steps):
@@ -402,7 +425,7 @@ def rollout_expert(env: LiberoEnv, seed: int, max_steps: int) -> ExpertEpisode:
         low_dim.append(low_dim_obs(obs))
         action = expert.act(obs)
         actions.append(action)
-        obs, success = env.step(action)
+        obs, success = env.step(action, render=False)
         if success:
             break
     return ExpertEpisode(
