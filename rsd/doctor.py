@@ -254,11 +254,11 @@ def check_tokenizer(state: _State) -> CheckResult:
 
 
 def check_policy(state: _State) -> CheckResult:
-    """The main policy checkpoint is there, loads, and fits the tokenizer: its layers and levels, and the very
-    tokenizer it was trained on (the fingerprint the policy recorded)."""
+    """The main policy checkpoint (the final one, after DAgger) is there, loads, and fits the tokenizer: its
+    layers and levels, and the very tokenizer it was trained on (the fingerprint the policy recorded)."""
     from rsd.policy.model import MainPolicy
 
-    loaded = _load_output(state, "policy", "policy", MainPolicy.load)
+    loaded = _load_output(state, "policy", "dagger", MainPolicy.load)
     if isinstance(loaded, CheckResult):
         return loaded
     name, policy = loaded
@@ -268,12 +268,12 @@ def check_policy(state: _State) -> CheckResult:
             c.check_tokenizer(*state.tokenizer_layers)
         except ValueError as exc:
             return CheckResult("policy", False, f"{name} does not fit {stage_output(state.config.root, 'tokenizer')}: {exc}",
-                               "retrain the policy on this tokenizer: `dvc repro policy`")
+                               "retrain the policy on this tokenizer: `dvc repro dagger`")
     if state.tokenizer_fingerprint is not None and policy.tokenizer_fingerprint != state.tokenizer_fingerprint:
         return CheckResult("policy", False, f"{name} was trained with tokenizer {policy.tokenizer_fingerprint[:12]}, but "
                            f"{stage_output(state.config.root, 'tokenizer')} is tokenizer "
                            f"{state.tokenizer_fingerprint[:12]} (sha256 of its checkpoint): same shapes, another tokenizer",
-                           "retrain the policy on this tokenizer: `dvc repro policy`")
+                           "retrain the policy on this tokenizer: `dvc repro dagger`")
     state.policy_hidden = c.backbone.hidden_size
     parameters = sum(p.numel() for p in policy.parameters())
     return CheckResult("policy", True, f"{name}: hidden size {c.backbone.hidden_size}, "

@@ -1,8 +1,8 @@
 """The `report` stage: reports/report.md and its plots, every number read from a metrics file.
 
 Inputs (all required; a missing one is an error naming it and the stage that writes it):
-metrics/{demos,policy,collect,train,verify,eval_no_draft,eval_draft,eval_draft_relaxed,bench}.json and the DVCLive
-curves of the main policy and the draft (dvclive/<name>/plots/metrics/**.tsv). Optional:
+metrics/{demos,policy,recover,dagger,collect,train,verify,eval_no_draft,eval_draft,eval_draft_relaxed,bench}.json and
+the DVCLive curves of the main policy (behaviour cloning, then DAgger) and the draft (dvclive/<name>/plots/metrics/**.tsv). Optional:
 metrics/bench_7b.json (scripts/bench_7b.py, run on a GPU) adds the section at OpenVLA's scale, and
 metrics/bench_gpu.json (`rsd bench --observations ... --device cuda`) the trained checkpoints on a GPU.
 
@@ -25,6 +25,8 @@ SOURCES = {
     "demos": "demos",
     "tokenizer": "tokenizer",
     "policy": "policy",
+    "recover": "recover",
+    "dagger": "dagger",
     "collect": "collect",
     "train": "train",
     "verify": "verify",
@@ -37,7 +39,7 @@ SOURCES = {
 OPTIONAL_SOURCES = ("bench_7b", "bench_gpu")
 """metrics/<name>.json read when present: results made outside the pipeline, on a GPU (scripts/bench_7b.py,
 `rsd bench`)."""
-CURVES = ("policy", "draft")
+CURVES = ("policy", "dagger", "draft")
 """DVCLive runs whose curves are plotted."""
 PLOTS = ("training_curves.png", "per_task_success.png", "latency_breakdown.png", "acceptance_sweep.png")
 
@@ -280,11 +282,12 @@ def render(m: Metrics, config: ReportConfig, checks: dict[str, tuple[str, bool]]
     for task, rate in nd["per_task"].items():
         others = [v["per_task"].get(task) for v in (d, r)]
         lines.append(f"| {_short(task)} | {_pct(rate)} | " + " | ".join("—" if v is None else _pct(v) for v in others) + " |")
-    demos, tokenizer, policy, collect, train = (m.data[k] for k in ("demos", "tokenizer", "policy", "collect", "train"))
+    demos, tokenizer, policy, recover, dagger, collect, train = (
+        m.data[k] for k in ("demos", "tokenizer", "policy", "recover", "dagger", "collect", "train"))
     tokenizer_mae = " / ".join(f"{v:.4f}" for v in tokenizer["mae_by_layers"])
     no_correction = " / ".join(f"{v:.2f}" for v in tokenizer["no_correction_share"])
     per_layer = " / ".join(f"{v:.3f}" for v in train["val_accuracies_per_layer"])
-    policy_acc = " / ".join(f"{v:.3f}" for v in policy["val_token_accuracy_per_layer"])
+    policy_acc, dagger_acc = (" / ".join(f"{v:.3f}" for v in p["val_token_accuracy_per_layer"]) for p in (policy, dagger))
     lines += [
         "",
         "![per-task success](per_task_success.png)",
@@ -297,8 +300,13 @@ def render(m: Metrics, config: ReportConfig, checks: dict[str, tuple[str, bool]]
         f"| Demonstrations | {demos['kept']} episodes kept of {demos['episodes']} ({demos.get('source', 'expert')}) |",
         f"| RFSQ tokenizer | {tokenizer['num_layers']} layers; round-trip error (normalized actions) with the first "
         f"1..{tokenizer['num_layers']} layers {tokenizer_mae}; share of \"no correction\" codes per layer {no_correction} |",
-        f"| Main policy | {policy['epochs']} epochs, {policy['train_seconds'] / 60:.1f} min, {policy['parameters'] / 1e6:.2f}M "
-        f"parameters, val token accuracy per layer {policy_acc} |",
+        f"| Main policy (behaviour cloning) | {policy['epochs']} epochs, {policy['train_seconds'] / 60:.1f} min, "
+        f"{policy['parameters'] / 1e6:.2f}M parameters, val token accuracy per layer {policy_acc} |",
+        f"| Recovery demos (DAgger) | {recover['kept']} kept of {recover['takeovers']} expert takeovers "
+        f"({recover['takeovers_holding']} with the bowl in the gripper) in {recover['episodes']} policy rollouts from fresh "
+        f"placements, {recover['policy_successes']} of which succeeded before the takeover; {recover['frames']:,} frames |",
+        f"| Main policy (trained further) | {dagger['epochs']} epochs on the demos and {dagger['recovery_episodes']} "
+        f"recoveries, {dagger['train_seconds'] / 60:.1f} min, val token accuracy per layer {dagger_acc} |",
         f"| Draft samples | {collect['samples']:,} from {collect['episodes']} main-policy episodes |",
         f"| Draft model | {train['epochs']} epochs, {train['train_seconds'] / 60:.1f} min, "
         f"{train['parameters'] / 1e6:.2f}M parameters |",

@@ -198,7 +198,7 @@ def test_the_doctor_refuses_a_non_finite_policy(tmp_path: Path) -> None:
     checks = {r.name: r for r in run_doctor(DoctorConfig(root=root, skip=("params", "torch", "libero", "tokenizer",
                                                                            "draft", "dvc", "remote", "disk")))}
     assert not checks["policy"].ok and "non-finite weights (proprio_std: 8 NaN of 8 values)" in checks["policy"].detail
-    assert "dvc repro policy" in checks["policy"].fix
+    assert "dvc repro dagger" in checks["policy"].fix
 
 
 def test_non_finite_samples_are_refused(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def test_missing_checkpoints_name_the_stage_that_makes_them(tmp_path: Path) -> N
     (tmp_path / "dvc.yaml").write_bytes((ROOT / "dvc.yaml").read_bytes())
     checks = by_name(run_doctor(DoctorConfig(root=tmp_path, skip=("libero", "remote", "dvc", "params", "torch"))))
     assert checks["tokenizer"].line(9).startswith("tokenizer failed: models/tokenizer.pt not found — fix: run `dvc repro tokenizer`")
-    assert checks["policy"].line(9).startswith("policy    failed: models/policy.pt not found — fix: run `dvc repro policy`")
+    assert checks["policy"].line(9).startswith("policy    failed: models/policy.pt not found — fix: run `dvc repro dagger`")
     assert checks["draft"].line(9).startswith("draft     ok — models/draft.pt not made yet")  # comes late in the pipeline
 
 
@@ -145,7 +145,7 @@ def test_checkpoints_that_do_not_fit_each_other_fail(project: Path, tmp_path: Pa
     save_tiny_draft(root / "models" / "draft.pt", input_dim=H // 2)  # reads another policy's hidden state
     checks = by_name(run_doctor(DoctorConfig(root=root, skip=("libero", "remote", "dvc"))))
     assert not checks["policy"].ok and "does not fit models/tokenizer.pt" in checks["policy"].detail
-    assert "dvc repro policy" in checks["policy"].fix
+    assert "dvc repro dagger" in checks["policy"].fix
 
 
 def test_a_policy_trained_on_another_tokenizer_of_the_same_shapes_fails(project: Path, tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_a_policy_trained_on_another_tokenizer_of_the_same_shapes_fails(project:
     assert not checks["policy"].ok and checks["policy"].detail == (
         f"models/policy.pt was trained with tokenizer 111111111111, but models/tokenizer.pt is tokenizer {found} "
         "(sha256 of its checkpoint): same shapes, another tokenizer")
-    assert checks["policy"].fix == "retrain the policy on this tokenizer: `dvc repro policy`"
+    assert checks["policy"].fix == "retrain the policy on this tokenizer: `dvc repro dagger`"
 
 
 def test_a_malformed_draft_fails_with_the_failed_verify_checks(project: Path, tmp_path: Path) -> None:
