@@ -16,12 +16,13 @@ from rsd.engine import load_engine
 from rsd.evaluation import EvalConfig, _run_episode, init_worker, summarize
 from rsd.io import write_json
 from rsd.parallel import run_unordered
-from rsd.params import BaseConfig, load_params, section
+from rsd.params import BaseConfig, load_params, section, start_stage
 from rsd.progress import Progress
 from rsd.sim.env import LiberoEnv, SimConfig
 
 
 def main() -> None:
+    start_stage()  # progress lines, orderly stop, bad input as one line
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--first", type=int, required=True, help="first init state (0..49)")
     parser.add_argument("--last", type=int, required=True, help="last init state, included (first..49)")
