@@ -17,7 +17,9 @@
    `draft_ms` are medians over all timed calls; `speedup` is their ratio. Its spread,
    `speedup_p10`/`speedup_p90`, is the 10th/90th percentile of the per-observation ratios (each the ratio
    of that observation's median latencies), so it shows how the gain varies from one observation to
-   another, acceptance included. `breakdown_ms` splits a mode's calls into their spans (`BREAKDOWN`).
+   another, acceptance included. `timing_noise` gives the same figures for no-draft decoding timed a
+   second time beside the first: identical work, so their distance from 1 is the machine's (on a 2-core
+   cloud CPU with 5 repetitions, p10-p90 spanned 0.89-1.08). `breakdown_ms` splits a mode's calls into their spans (`BREAKDOWN`).
 
 Strict mode must decode the tokens of no-draft decoding. Every observation whose strict tokens differ
 counts in `action_mismatches`; those whose first differing layer has, at every differing code, a top-2
@@ -303,17 +305,12 @@ def breakdown(stats: list[dict[str, float]]) -> dict[str, float]:
 def _mode_summary(timed: Timings, plain: Timings, num_proposed_layers: int) -> dict[str, Any]:
     """Latency, speedup and acceptance of one draft mode against no-draft decoding: token acceptance over the
     calls that ran the draft, the share of calls keeping 0..K-1 draft layers over all."""
-    per_obs = np.array([np.median(p) / np.median(d) for p, d in zip(plain.ms, timed.ms)])
     all_ms = np.concatenate([np.asarray(m) for m in timed.ms])
-    no_draft_ms = float(np.median(np.concatenate([np.asarray(m) for m in plain.ms])))
     stats = [p.stats for p in timed.first]
     accepted = np.array([s["accepted_layers"] for s in stats])
     return {
         "draft_ms": _r(np.median(all_ms), 3),
-        "speedup": _r(no_draft_ms / np.median(all_ms)),
-        "speedup_p10": _r(_percentile(per_obs, 10)),
-        "speedup_p90": _r(_percentile(per_obs, 90)),
-        "speedup_mean_per_observation": _r(per_obs.mean()),
+        **speedup_spread(plain, timed),
         "p90_ms": _r(_percentile(all_ms, 90), 3),
         **_acceptance([s for s in stats if s["speculated"]]),
         "accepted_layers_per_chunk": _r(accepted.mean()),
@@ -324,6 +321,15 @@ def _mode_summary(timed: Timings, plain: Timings, num_proposed_layers: int) -> d
         "main_ms": _median_stat(timed.first, "main_ms"),
         "breakdown_ms": breakdown(stats),
     }
+
+
+def speedup_spread(plain: Timings, timed: Timings) -> dict[str, float]:
+    """The ratio of median latencies over all calls, and the 10th/90th percentile and mean of the
+    per-observation ratios (each of that observation's medians)."""
+    per_obs = np.array([np.median(p) / np.median(d) for p, d in zip(plain.ms, timed.ms)])
+    median_ms = [float(np.median(np.concatenate([np.asarray(m) for m in t.ms]))) for t in (plain, timed)]
+    return {"speedup": _r(median_ms[0] / median_ms[1]), "speedup_p10": _r(_percentile(per_obs, 10)),
+            "speedup_p90": _r(_percentile(per_obs, 90)), "speedup_mean_per_observation": _r(per_obs.mean())}
 
 
 def _acceptance(stats: list[dict[str, float]]) -> dict[str, Any]:
@@ -417,7 +423,9 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
     start = time.monotonic()
     try:
         plain_tokens = [engines["none"].predict(inputs).tokens for inputs in observations]
-        timed = time_engines({**engines, "perfect": PerfectDraftEngine(engines["strict"], observations, plain_tokens),
+        # "none, again": no-draft decoding a second time, whose "speedup" is the machine's timing noise
+        timed = time_engines({**engines, "none, again": variant(engines["none"]),
+                              "perfect": PerfectDraftEngine(engines["strict"], observations, plain_tokens),
                               **sweep}, observations, config.repetitions, config.warmup, progress)
         speculating = {mode: [engine.predict(inputs) for inputs in observations] for mode, engine in ungated.items()}
         draft_calls = draft_call_ms(relaxed.draft, timed["none"].first, config.warmup)
@@ -472,12 +480,14 @@ def benchmark(engines: dict[str, RSDEngine], observations: list[dict[str, Any]],
             "layer_pass_ms": layer_pass_ms,
             "breakdown_ms": breakdown([p.stats for p in plain.first]),
         },
+        "timing_noise": speedup_spread(plain, timed["none, again"]),
         "break_even_layers": break_even_layers(summaries["perfect"]["breakdown_ms"], layer_pass_ms),
         "draft_call_ms": draft_calls,
         "acceptance_sweep": acceptance_sweep,
         "gate": gate,
         "near_tie_margin": config.near_tie_margin,
-        "speedup_spread": "p10/p90 of per-observation ratios of median no-draft to median draft latency",
+        "speedup_spread": "p10/p90 of per-observation ratios of median no-draft to median draft latency; "
+                          "timing_noise: the same for no-draft decoding timed twice",
         "observations": len(observations),
         "repetitions": config.repetitions,
         "warmup": config.warmup,

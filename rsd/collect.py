@@ -15,15 +15,14 @@ from typing import Callable, ClassVar
 import numpy as np
 import torch
 
-from rsd.config import Config
-from rsd.contract import CHUNK_LEN, NUM_COARSE_LAYERS
+from rsd.contract import NUM_COARSE_LAYERS
 from rsd.draft.samples import DraftSamples
 from rsd.engine import Prediction
-from rsd.evaluation import Agent, init_worker, rollout, worker_agent, worker_env
+from rsd.evaluation import Agent, RolloutConfig, init_worker, rollout, worker_agent, worker_env
 from rsd.parallel import run_unordered
 from rsd.progress import Progress
 from rsd.sim.env import LiberoEnv, SimConfig, placement_seed
-from rsd.sim.suite import NUM_TASKS, TASKS_EXPECTED, are_task_indices, task_indices
+from rsd.sim.suite import NUM_TASKS
 
 log = logging.getLogger("rsd.collect")
 
@@ -31,8 +30,8 @@ COLLECT_STREAM = 1  # placement-seed stream of this stage (demos use 0)
 
 
 @dataclass
-class CollectConfig(Config):
-    """How many main-policy rollouts to record, and how."""
+class CollectConfig(RolloutConfig):
+    """How many main-policy rollouts to record, and how (tasks, execute_steps, workers: RolloutConfig)."""
 
     prefix: ClassVar[str] = "collect"
 
@@ -40,22 +39,10 @@ class CollectConfig(Config):
     """Rollouts per libero_spatial task, each from its own fresh placement."""
     query_every_step: bool = True
     """Ask the policy at every env step (one sample per step) while still executing chunks open loop."""
-    execute_steps: int = CHUNK_LEN
-    """Actions of each chunk executed before the next real policy call (as in evaluation)."""
-    tasks: list[int] | None = None
-    """libero_spatial task indices; None means all ten."""
-    workers: int = 2
-    """Parallel simulator processes."""
 
     def validate(self) -> None:
+        super().validate()
         self.check(self.episodes_per_task >= 1, "episodes_per_task", "at least 1")
-        self.check(1 <= self.execute_steps <= CHUNK_LEN, "execute_steps", f"in 1..{CHUNK_LEN} (the chunk length)")
-        self.check(are_task_indices(self.tasks), "tasks", TASKS_EXPECTED)
-        self.check(self.workers >= 1, "workers", "at least 1")
-
-    @property
-    def task_indices(self) -> list[int]:
-        return task_indices(self.tasks, f"{self.prefix}.tasks")
 
 
 def _collect_episode(job: tuple[int, int, int, CollectConfig]) -> tuple[int, int, bool, dict[str, np.ndarray]]:

@@ -374,7 +374,7 @@ def check_tokenizer_pair(policy: MainPolicy, tokenizer: RFSQTokenizer, policy_na
     if found != expected:
         raise ValueError(f"{policy_name} was trained with tokenizer {expected[:12]}, but {tokenizer_name} is "
                          f"tokenizer {found[:12]} (sha256 of its checkpoint): use the tokenizer the policy was "
-                         f"trained on, or retrain the policy on this one, `dvc repro policy`")
+                         f"trained on, or retrain the policy on this one, `dvc repro dagger`")
 
 
 def load_engine(policy_path: str, tokenizer_path: str, draft_path: str | None, config: EngineConfig, device: str = "cpu") -> RSDEngine:

@@ -26,6 +26,9 @@ from rsd.stats import success_interval
 
 log = logging.getLogger("rsd.eval")
 
+INIT_STATES = 50
+"""LIBERO's benchmark init states per libero_spatial task."""
+
 
 class Agent(Protocol):
     def predict(self, inputs: dict[str, Any]) -> Prediction: ...
@@ -35,19 +38,38 @@ class Agent(Protocol):
 
 
 @dataclass
-class EvalConfig(Config):
-    """params.yaml `eval`: which episodes to run and how, and how the draft variants' engines decode."""
+class RolloutConfig(Config):
+    """What every stage that rolls the policy out sets (eval, collect, recover): which tasks, how much of each
+    chunk runs open loop, how many simulator processes."""
 
-    prefix: ClassVar[str] = "eval"
-
-    init_states: int = 10
-    """Benchmark init states 0..N-1 of every task are evaluated (LIBERO has 50 per task)."""
     tasks: list[int] | None = None
     """libero_spatial task indices; None means all ten."""
     execute_steps: int = CHUNK_LEN
     """Actions of each predicted chunk executed open loop before the policy is called again."""
     workers: int = 2
     """Parallel simulator processes, each with its own copy of the agent."""
+
+    def validate(self) -> None:
+        self.check(are_task_indices(self.tasks), "tasks", TASKS_EXPECTED)
+        self.check(1 <= self.execute_steps <= CHUNK_LEN, "execute_steps", f"in 1..{CHUNK_LEN} (the chunk length)")
+        self.check(self.workers >= 1, "workers", "at least 1")
+
+    @property
+    def task_indices(self) -> list[int]:
+        return task_indices(self.tasks, f"{self.prefix}.tasks")
+
+
+@dataclass
+class EvalConfig(RolloutConfig):
+    """params.yaml `eval`: which episodes to run and how, and how the draft variants' engines decode."""
+
+    prefix: ClassVar[str] = "eval"
+
+    init_states: int = 10
+    """Benchmark init states first_init_state.. of every task, this many (LIBERO has 50 per task)."""
+    first_init_state: int = 0
+    """The first of them: the pipeline's are 0..init_states-1; later ones show how the policy does on states
+    no choice was ever made on (scripts/eval_init_states.py)."""
     min_ratio: float = 0.1
     """Relaxed acceptance (the draft_relaxed variant): a draft code is kept when main gives it at least this
     share of the probability of its own choice (1: as strict; 0: every proposal). rsd.engine.EngineConfig."""
@@ -55,20 +77,20 @@ class EvalConfig(Config):
     """The gate of both draft variants: speculate while main keeps at least this many draft layers per
     speculating call, averaged over the episode so far; below it, only probing calls do, ever more rarely
     while they keep nothing (0: always speculate). rsd.engine.EngineConfig."""
-    draft_precision: str = "auto"
+    draft_precision: str = "fp32"
     """The draft model's precision in the draft variants (`fp32`, `bf16`, or `auto`: bf16 where it runs
     natively); main checks its proposals, so strict decoding stays exact either way."""
 
     def validate(self) -> None:
-        self.check(1 <= self.init_states <= 50, "init_states", "in 1..50 (LIBERO's init states per task)")
-        self.check(are_task_indices(self.tasks), "tasks", TASKS_EXPECTED)
-        self.check(1 <= self.execute_steps <= CHUNK_LEN, "execute_steps", f"in 1..{CHUNK_LEN} (the chunk length)")
-        self.check(self.workers >= 1, "workers", "at least 1")
+        super().validate()
+        self.check(1 <= self.init_states <= INIT_STATES, "init_states", f"in 1..{INIT_STATES} (LIBERO's init states per task)")
+        self.check(0 <= self.first_init_state <= INIT_STATES - self.init_states, "first_init_state",
+                   f"in 0..{INIT_STATES - self.init_states}: the last of {self.init_states} states from it below {INIT_STATES}")
         self.engine_config("none")  # the engine's fields, checked as the engine checks them
 
     @property
-    def task_indices(self) -> list[int]:
-        return task_indices(self.tasks, f"{self.prefix}.tasks")
+    def init_state_range(self) -> range:
+        return range(self.first_init_state, self.first_init_state + self.init_states)
 
     def engine_config(self, mode: str) -> EngineConfig:
         """The engine config of a variant whose acceptance mode is `mode` (`none`, `strict` or `relaxed`).
@@ -164,7 +186,7 @@ def peak_memory_gb() -> float:
 def evaluate(make_agent: Callable[[], Agent], config: EvalConfig, sim: SimConfig) -> tuple[dict, list[Episode]]:
     """Run every (task, init state) episode; return the metrics and the episodes."""
     tasks = config.task_indices
-    jobs = [(t, i, config.execute_steps) for t in tasks for i in range(config.init_states)]
+    jobs = [(t, i, config.execute_steps) for t in tasks for i in config.init_state_range]
     names = {t: LiberoEnv.task_info(t)[0] for t in tasks}
     start = time.monotonic()
     episodes: list[Episode] = []

@@ -19,15 +19,12 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from rsd.config import Config
-from rsd.contract import CHUNK_LEN
 from rsd.data import Demo, TaskDemos, demo_path, write_task_demos
-from rsd.evaluation import Agent, init_worker, rollout, worker_agent, worker_env
+from rsd.evaluation import Agent, RolloutConfig, init_worker, rollout, worker_agent, worker_env
 from rsd.parallel import run_unordered
 from rsd.progress import Progress, deferred_stop, replace_dir
 from rsd.sim.env import LiberoEnv, SimConfig, placement_seed
 from rsd.sim.expert import take_over
-from rsd.sim.suite import TASKS_EXPECTED, are_task_indices, task_indices
 
 log = logging.getLogger("rsd.recover")
 
@@ -35,8 +32,8 @@ RECOVER_STREAM = 2  # placement-seed stream of this stage (demos 0, collect 1)
 
 
 @dataclass
-class RecoverConfig(Config):
-    """How many policy rollouts the expert takes over, and when."""
+class RecoverConfig(RolloutConfig):
+    """How many policy rollouts the expert takes over, and when (tasks, execute_steps, workers: RolloutConfig)."""
 
     prefix: ClassVar[str] = "recover"
 
@@ -48,27 +45,15 @@ class RecoverConfig(Config):
     grasp, late ones a grasp that missed."""
     max_steps: int = 300
     """Step cap of the expert's part; success within it keeps the episode."""
-    execute_steps: int = CHUNK_LEN
-    """Actions of each chunk the policy executes open loop (as in evaluation)."""
-    tasks: list[int] | None = None
-    """libero_spatial task indices; None means all ten."""
-    workers: int = 2
-    """Parallel simulator processes."""
 
     def validate(self) -> None:
+        super().validate()
         self.check(self.episodes_per_task >= 1, "episodes_per_task", "at least 1")
         self.check(isinstance(self.takeover_steps, list) and len(self.takeover_steps) == 2
                    and all(isinstance(n, int) for n in self.takeover_steps)
                    and 1 <= self.takeover_steps[0] <= self.takeover_steps[1],
                    "takeover_steps", "[first, last]: two ints with 1 <= first <= last")
         self.check(self.max_steps >= 1, "max_steps", "positive")
-        self.check(1 <= self.execute_steps <= CHUNK_LEN, "execute_steps", f"in 1..{CHUNK_LEN} (the chunk length)")
-        self.check(are_task_indices(self.tasks), "tasks", TASKS_EXPECTED)
-        self.check(self.workers >= 1, "workers", "at least 1")
-
-    @property
-    def task_indices(self) -> list[int]:
-        return task_indices(self.tasks, f"{self.prefix}.tasks")
 
     def takeover_step(self, seed: int) -> int:
         """The policy's steps before the expert takes over, in an episode of placement seed `seed`."""

@@ -259,6 +259,10 @@ def render(m: Metrics, config: ReportConfig, checks: dict[str, tuple[str, bool]]
         lines.append(f"| {label} | {s['draft_ms']:.2f} | {s['speedup']:.2f}× ({s['speedup_p10']:.2f}–{s['speedup_p90']:.2f}) "
                      f"| {s['token_acceptance']:.3f} | {' / '.join(f'{v:.2f}' for v in s['token_acceptance_per_layer'])} "
                      f"| {s['accepted_layers_per_chunk']:.2f} | {s['main_passes_per_chunk']:.2f} |")
+    if "timing_noise" in b:  # identical work timed twice: how far from 1.00× the machine alone moves a speedup
+        s = b["timing_noise"]
+        lines.append(f"| no draft again (timing noise) | — | {s['speedup']:.2f}× ({s['speedup_p10']:.2f}–"
+                     f"{s['speedup_p90']:.2f}) | — | — | — | {b['no_draft']['main_passes_per_chunk']:g} |")
     lines += ["", *_success_uncertainty(nd, d, r, relaxed)]
     lines += [
         "",

@@ -44,6 +44,9 @@ def test_benchmark_reports_both_modes(engines):
         assert key in metrics, key
     assert metrics["acceptance_mode"] == "strict" and metrics["observations"] == 4 and metrics["repetitions"] == 2
     assert metrics["speedup_p10"] <= metrics["speedup_p90"]
+    noise = metrics["timing_noise"]  # no-draft decoding against itself
+    assert set(noise) == {"speedup", "speedup_p10", "speedup_p90", "speedup_mean_per_observation"}
+    assert 0 < noise["speedup_p10"] <= noise["speedup_p90"]
     assert metrics["speedup"] == pytest.approx(metrics["no_draft_ms"] / metrics["draft_ms"], rel=1e-3)
     for mode in ("strict", "relaxed"):
         m = metrics[mode]

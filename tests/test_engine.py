@@ -233,7 +233,7 @@ def test_engine_refuses_a_tokenizer_the_policy_was_not_trained_on(parts, tmp_pat
     assert engine.policy.tokenizer_fingerprint == tokenizer.fingerprint()
     with pytest.raises(ValueError, match=re.escape(f"main policy {tmp_path / 'policy.pt'} was trained with tokenizer "
                                                    f"{expected}, but {tmp_path / 'other.pt'} is tokenizer {found}")
-                       + ".*retrain the policy on this one, `dvc repro policy`"):
+                       + ".*retrain the policy on this one, `dvc repro dagger`"):
         load_engine(str(tmp_path / "policy.pt"), str(tmp_path / "other.pt"), None, EngineConfig())
 
 
@@ -243,7 +243,7 @@ def test_eval_params_configure_the_draft_engines():
     assert (engine.mode, engine.min_ratio, engine.min_kept_layers, engine.draft_precision) == ("relaxed", 0.05, 0.2, "bf16")
     assert EngineConfig.for_mode({"min_ratio": 0.05, "min_kept_layers": 0.2, "draft_precision": "bf16", "workers": 2},
                                  "relaxed") == engine  # the eval section as data: its other keys are not the engine's
-    assert EvalConfig().engine_config("strict") == EngineConfig(mode="strict", min_ratio=0.1, draft_precision="auto")
+    assert EvalConfig().engine_config("strict") == EngineConfig(mode="strict", min_ratio=0.1, draft_precision="fp32")
     with pytest.raises(ValueError, match=re.escape("eval.min_ratio must be a number in [0, 1], got -1")):
         EvalConfig(min_ratio=-1)
     with pytest.raises(ValueError, match="eval.draft_precision must be one of auto, fp32, bf16, got 'int8'"):

@@ -35,6 +35,9 @@ def test_every_section_names_a_config_whose_prefix_is_the_section() -> None:
     (("train", "lr", "1e-4"), "train.lr must be a finite number, got '1e-4'"),
     (("eval", "init_states", 2.5), "eval.init_states must be an int, got 2.5"),
     (("eval", "tasks", [0, "1"]), "eval.tasks must be a list of ints or null, got [0, '1']"),
+    (("eval", "first_init_state", 41), "eval.first_init_state must be in 0..40: the last of 10 states from it below 50, got 41"),
+    (("collect", "execute_steps", 9), "collect.execute_steps must be in 1..8 (the chunk length), got 9"),
+    (("recover", "workers", 0), "recover.workers must be at least 1, got 0"),
     (("sim", "fast_render", "yes"), "sim.fast_render must be true or false, got 'yes'"),
     (("bench", "warmup", -1), "bench.warmup must be a non-negative int, got -1"),
     (("demos", "atempts_per_task", 3), "params: unknown key(s) demos.atempts_per_task"),
@@ -83,3 +86,10 @@ def test_a_stage_script_run_without_its_paths_says_what_it_takes() -> None:
     result = subprocess.run([sys.executable, "stages/eval.py", "draft", "p.pt", "t.pt", "m.json"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "variant draft takes --draft and --verdict" in result.stderr
+
+
+def test_the_evaluated_init_states_start_at_first_init_state() -> None:
+    from rsd.evaluation import EvalConfig
+
+    assert EvalConfig().init_state_range == range(10)
+    assert EvalConfig(first_init_state=10, init_states=40).init_state_range == range(10, 50)
