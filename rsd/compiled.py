@@ -38,6 +38,7 @@ from transformers import StaticCache
 
 from rsd.draft.model import proposer
 from rsd.engine import RSDEngine
+from rsd.policy.config import PAD_ID
 from rsd.policy.model import MainPolicy, Observation, check_feed
 from rsd.tokenizer.model import RFSQTokenizer
 
@@ -128,7 +129,14 @@ class CompiledPolicy(nn.Module):
 
     def encode_instructions(self, instructions: list[str]) -> dict[str, Tensor]:
         """As `MainPolicy.encode_instructions`, left-padded to `max_words` words."""
-        return self.policy.encode_instructions(instructions, self.max_words)
+        encoded = self.policy.encode_instructions(instructions)
+        ids, mask = encoded["instruction_ids"], encoded["instruction_mask"]
+        pad = self.max_words - ids.shape[1]
+        if pad < 0:
+            raise ValueError(f"an instruction of {ids.shape[1]} words does not fit the compiled policy's prompt of "
+                             f"{self.max_words} words (max_words)")
+        return {"instruction_ids": nn.functional.pad(ids, (pad, 0), value=PAD_ID),
+                "instruction_mask": nn.functional.pad(mask, (pad, 0), value=0)}
 
     @torch.no_grad()
     def prefill(self, obs: Observation) -> tuple[Tensor, Tensor, StaticPolicyCache]:

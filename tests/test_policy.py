@@ -241,7 +241,7 @@ def test_a_checkpoint_records_its_tokenizer(model: MainPolicy, tmp_path) -> None
     older = {k: v for k, v in ckpt.items() if k != "tokenizer_fingerprint"} | {"format_version": 2}
     torch.save(older, tmp_path / "v2.pt")
     with pytest.raises(ValueError, match=r"v2\.pt is of format v2, from before a policy recorded the tokenizer it was "
-                                         r"trained on; this code reads v3: retrain it, `dvc repro dagger`"):
+                                         r"trained on; this code reads v3: retrain it, `dvc repro policy`"):
         MainPolicy.load(tmp_path / "v2.pt")
     torch.save({**ckpt, "tokenizer_fingerprint": None}, tmp_path / "none.pt")
     with pytest.raises(ValueError, match=r"none\.pt has tokenizer_fingerprint=None, expected the sha256"):

@@ -127,15 +127,10 @@ class MainPolicy(nn.Module):
 
     # ---- inputs -------------------------------------------------------------------------------------
 
-    def encode_instructions(self, instructions: list[str], words: int | None = None) -> dict[str, Tensor]:
-        """Instruction strings -> {"instruction_ids": long [B,T], "instruction_mask": long [B,T]}, left-padded
-        to T = `words` (None: the longest instruction's words), so that batches can share one shape."""
+    def encode_instructions(self, instructions: list[str]) -> dict[str, Tensor]:
+        """Instruction strings -> {"instruction_ids": long [B,T], "instruction_mask": long [B,T]}, left-padded."""
         ids = [self.config.encode_instruction(text) for text in instructions]
         T = max(map(len, ids))
-        if words is not None:
-            if words < T:
-                raise ValueError(f"an instruction of {T} words does not fit a prompt of {words} words")
-            T = words
         device = self.code_offsets.device
         return {
             "instruction_ids": torch.tensor([[PAD_ID] * (T - len(x)) + x for x in ids], device=device),
@@ -214,8 +209,7 @@ class MainPolicy(nn.Module):
         logits [B, L, 128, levels], layer l's logits seeing the true codes of layers < l."""
         embeds, mask = self._prompt(obs)  # [B, P, H], [B, P]
         codes = tokens.flatten(1, 2).transpose(1, 2)  # [B, L, 128]
-        layers = torch.arange(codes.shape[1] - 1, device=codes.device)
-        layer_inputs = self.code_inputs(codes[:, :-1], layers)  # [B, L-1, H]; the tokenizer's codes are in range
+        layer_inputs = self._embed_codes(codes[:, :-1], 0)  # [B, L-1, H]
         embeds = torch.cat([embeds, layer_inputs], dim=1)  # [B, P + L-1, H]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], layer_inputs.shape[1])], dim=1)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -252,14 +246,14 @@ class MainPolicy(nn.Module):
         if ckpt.get("format") == CHECKPOINT_FORMAT and isinstance(version, int) and version < FORMAT_VERSION:
             raise ValueError(f"main policy checkpoint {path} is of format v{version}, from before a policy recorded "
                              f"the tokenizer it was trained on; this code reads v{FORMAT_VERSION}: retrain it, "
-                             f"`dvc repro dagger`")
+                             f"`dvc repro policy`")
         if ckpt.get("format") != CHECKPOINT_FORMAT or version != FORMAT_VERSION:
             raise ValueError(f"{path} is not a main policy checkpoint of format {CHECKPOINT_FORMAT!r} v{FORMAT_VERSION} "
                              f"(found {ckpt.get('format')!r} v{version})")
         fingerprint = ckpt.get("tokenizer_fingerprint")
         if not _is_fingerprint(fingerprint):
             raise ValueError(f"main policy checkpoint {path} has tokenizer_fingerprint={fingerprint!r}, expected the "
-                             f"sha256 (64 hex digits) of the tokenizer it was trained on: retrain it, `dvc repro dagger`")
+                             f"sha256 (64 hex digits) of the tokenizer it was trained on: retrain it, `dvc repro policy`")
         try:
             saved = PolicyConfig.from_dict(ckpt["config"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -274,7 +268,7 @@ class MainPolicy(nn.Module):
         bad = first_non_finite(ckpt["state_dict"])  # NaN weights still decode, to codes that mean nothing
         if bad:
             raise ValueError(f"main policy checkpoint {path} holds non-finite weights ({bad}); expected finite "
-                             f"weights: retrain it, `dvc repro dagger`")
+                             f"weights: retrain it, `dvc repro policy`")
         model.load_state_dict(ckpt["state_dict"])
         return model
 

@@ -57,9 +57,8 @@ class SimConfig(Config):
         within one cube of this side (mm) merge into one; 0 keeps the meshes whole (>= 0). The
         renderer's cost is the scene's triangles, most of them far below a pixel at 128 px: at 4 mm a
         libero_spatial scene keeps ~35% of its ~290k faces, both cameras render ~2.4x faster (68 ->
-        28 ms), and a pixel differs from the whole meshes' image by ~1-2/255 on average; 8 mm makes a
-        whole step (physics and both cameras) another ~15% faster at ~2-4/255, drawer handles and
-        bowls still drawn; at 16 mm the handles vanish. Physics never reads a visual mesh's faces.
+        28 ms), and a pixel differs from the whole meshes' image by ~1.4/255 on average. Physics
+        never reads a visual mesh's faces.
     settle_steps: no-op steps after every reset so objects settle before recording (>= 0).
     max_steps: the suite's step budget per episode, not counting settle steps (> 0).
     """
@@ -68,7 +67,7 @@ class SimConfig(Config):
 
     image_size: int = 128
     fast_render: bool = True
-    mesh_cell_mm: float = 8.0
+    mesh_cell_mm: float = 4.0
     settle_steps: int = 10
     max_steps: int = 220
 
@@ -370,7 +369,7 @@ class LiberoEnv:
         state) the states were recorded from first. The simulator state is restored afterwards.
         Frames match those `step` returns up to one physics substep (2 ms) of motion, since a
         step's kinematics lag the state it ends in by that substep. ~30 ms a frame (both
-        cameras, 128 px, fast_render, 4 mm mesh cells, this 2-core CPU machine; 8 mm: ~15% less); ~65 ms with whole
+        cameras, 128 px, fast_render, 4 mm mesh cells, this 2-core CPU machine); ~65 ms with whole
         meshes; ~200 ms without fast_render either.
         """
         if not self.render:
